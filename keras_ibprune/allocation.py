@@ -1,0 +1,129 @@
+"""Allocation: how a model-wide sparsity target is split across prunable tensors.
+
+Each function takes the per-tensor scores (a list of arrays) and a model-wide target
+sparsity and returns one sparsity per tensor, such that the number of zeros summed over
+tensors is the target (up to rounding and the per-tensor density floor `min_density`).
+
+- ``"uniform"``: every tensor at the target (tfmot's behaviour).
+- ``"global"``: one score threshold across all tensors (needs comparable scores).
+- ``"erk"``: Erdős–Rényi-Kernel densities (Evci et al., 2020), `d_l ∝ Σ shape / Π shape`,
+  so small layers stay denser.
+- ``"ib"`` (registered by `keras_ibprune.scores`): a global threshold on scores measured in
+  nats of label information, i.e. water-filling the information lost.
+
+A callable `f(scores, sparsity, min_density=...) -> list[float]` is accepted too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_ALLOCATORS = {}
+
+
+def register_allocation(name, fn):
+    """Registers an allocation function under `name` (used by `get`)."""
+    _ALLOCATORS[name] = fn
+
+
+def _sizes(scores):
+    return np.array([int(np.prod(np.shape(s))) for s in scores], dtype=np.float64)
+
+
+def _check(sparsity, min_density):
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"`sparsity` must be in [0, 1). Received: sparsity={sparsity!r}")
+    if not 0.0 <= min_density <= 1.0:
+        raise ValueError(
+            f"`min_density` must be in [0, 1]. Received: min_density={min_density!r}"
+        )
+
+
+def uniform(scores, sparsity, min_density=0.0):
+    """Every tensor gets `min(sparsity, 1 - min_density)`."""
+    _check(sparsity, min_density)
+    return [min(sparsity, 1.0 - min_density)] * len(scores)
+
+
+def erk(scores, sparsity, min_density=0.0, shapes=None):
+    """Erdős–Rényi-Kernel: density of tensor `l` is `eps * (Σ_i n_i) / (Π_i n_i)`.
+
+    `eps` is solved so that the total number of kept weights is `(1 - sparsity) * N`;
+    tensors whose density would exceed 1 are kept dense and the rest re-solved.
+    1-D tensors (biases, embeddings rows) use their size as both sum and product.
+    """
+    _check(sparsity, min_density)
+    shapes = shapes or [np.shape(s) for s in scores]
+    n = np.array([float(np.prod(s)) for s in shapes])
+    raw = np.array([float(np.sum(s)) / float(np.prod(s)) if len(s) > 1 else 1.0 for s in shapes])
+    budget = (1.0 - sparsity) * n.sum()
+    dense = np.zeros(len(n), dtype=bool)
+    floor = np.full(len(n), min_density)
+    for _ in range(len(n) + 1):
+        free = ~dense
+        remaining = budget - n[dense].sum()
+        if remaining <= 0 or not free.any():
+            break
+        eps = remaining / np.sum(raw[free] * n[free])
+        dens = np.where(dense, 1.0, eps * raw)
+        over = free & (dens > 1.0)
+        if not over.any():
+            break
+        dense |= over
+    dens = np.clip(np.where(dense, 1.0, eps * raw), floor, 1.0)
+    return [float(1.0 - d) for d in dens]
+
+
+def global_threshold(scores, sparsity, min_density=0.0):
+    """One threshold across tensors: the `sparsity` fraction of lowest scores overall.
+
+    Tensors hitting the density floor are frozen there and the threshold re-solved on
+    the rest, so the total target is met whenever the floors allow it.
+    """
+    _check(sparsity, min_density)
+    sizes = _sizes(scores)
+    flat = [np.where(np.isfinite(np.ravel(s)), np.ravel(s), -np.inf) for s in scores]
+    cap = np.floor((1.0 - min_density) * sizes)  # max zeros per tensor
+    total = int(round(sparsity * sizes.sum()))
+    frozen = np.zeros(len(scores), dtype=bool)
+    counts = np.zeros(len(scores))
+    for _ in range(len(scores) + 1):
+        budget = total - counts[frozen].sum()
+        live = [i for i in range(len(scores)) if not frozen[i]]
+        if not live or budget <= 0:
+            counts[~frozen] = 0
+            break
+        allv = np.concatenate([flat[i] for i in live])
+        k = int(min(budget, allv.size))
+        order = np.argsort(allv, kind="stable")
+        chosen = np.zeros(allv.size, dtype=bool)
+        chosen[order[:k]] = True
+        offs = np.cumsum([0] + [flat[i].size for i in live])
+        for j, i in enumerate(live):
+            counts[i] = chosen[offs[j] : offs[j + 1]].sum()
+        over = [i for i in live if counts[i] > cap[i]]
+        if not over:
+            break
+        for i in over:
+            counts[i] = cap[i]
+            frozen[i] = True
+    return [float(c / s) if s else 0.0 for c, s in zip(counts, sizes)]
+
+
+register_allocation("uniform", uniform)
+register_allocation("erk", erk)
+register_allocation("global", global_threshold)
+
+ALLOCATIONS = ("uniform", "global", "erk", "ib")
+
+
+def get(identifier):
+    """Returns an allocation function from a name or a callable."""
+    if callable(identifier):
+        return identifier
+    if isinstance(identifier, str) and identifier in _ALLOCATORS:
+        return _ALLOCATORS[identifier]
+    raise ValueError(
+        f"Unknown allocation. Expected one of {sorted(_ALLOCATORS)} or a callable "
+        f"`f(scores, sparsity, min_density=...)`. Received: allocation={identifier!r}"
+    )

@@ -1,0 +1,132 @@
+"""Masks from scores: exact top-k selection, blocks, monotonicity, and applying them.
+
+Everything here is deterministic: ties are broken by position (stable sort), NaN or
+infinite scores rank lowest, and a mask only ever holds 0.0 or 1.0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from keras import ops
+
+
+def _clean(scores):
+    s = np.asarray(scores, dtype=np.float64)
+    return np.where(np.isfinite(s), s, -np.inf)
+
+
+def _as_matrix(x):
+    x = np.asarray(x)
+    if x.ndim == 0:
+        return x.reshape(1, 1)
+    if x.ndim == 1:
+        return x.reshape(1, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _pool_blocks(scores2d, block):
+    """Mean score per (br, bc) block; the matrix is padded with -inf-free edge blocks."""
+    br, bc = block
+    r, c = scores2d.shape
+    nr, nc = -(-r // br), -(-c // bc)
+    pad = np.zeros((nr * br, nc * bc))
+    cnt = np.zeros_like(pad)
+    finite = np.where(np.isfinite(scores2d), scores2d, 0.0)
+    pad[:r, :c] = finite
+    cnt[:r, :c] = 1.0
+    sums = pad.reshape(nr, br, nc, bc).sum(axis=(1, 3))
+    n = cnt.reshape(nr, br, nc, bc).sum(axis=(1, 3))
+    pooled = sums / np.maximum(n, 1.0)
+    # A block with any already-pruned (-inf) entry ranks lowest.
+    bad = ~np.isfinite(scores2d)
+    if bad.any():
+        badpad = np.zeros_like(pad, dtype=bool)
+        badpad[:r, :c] = bad
+        pooled = np.where(badpad.reshape(nr, br, nc, bc).any(axis=(1, 3)), -np.inf, pooled)
+    return pooled
+
+
+def topk_mask(scores, sparsity, prev_mask=None, monotone=True, block_size=None):
+    """Returns a 0/1 float32 mask keeping the highest scores.
+
+    Exactly `round(sparsity * n)` entries (or blocks) are zero, where `n` counts entries
+    (blocks when `block_size` is given). With `monotone=True` entries zero in
+    `prev_mask` stay zero (and count towards the target).
+
+    Args:
+        scores: array of scores, higher = more important.
+        sparsity: target fraction of zeros, in [0, 1].
+        prev_mask: optional previous mask of the same shape.
+        monotone: keep previously pruned entries pruned.
+        block_size: optional `(rows, cols)`; scores are averaged per block of the
+            weight viewed as a `(prod(shape[:-1]), shape[-1])` matrix.
+
+    Returns:
+        A numpy float32 array of the shape of `scores`.
+    """
+    scores = _clean(scores)
+    shape = scores.shape
+    if not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"`sparsity` must be in [0, 1]. Received: sparsity={sparsity!r}")
+    if prev_mask is not None and monotone:
+        scores = np.where(np.asarray(prev_mask).reshape(shape) > 0, scores, -np.inf)
+    if block_size is not None:
+        mat = _as_matrix(scores)
+        pooled = _pool_blocks(mat, block_size)
+        keep_blocks = _topk_flat(pooled.ravel(), sparsity, monotone and prev_mask is not None)
+        keep_blocks = keep_blocks.reshape(pooled.shape)
+        br, bc = block_size
+        full = np.repeat(np.repeat(keep_blocks, br, axis=0), bc, axis=1)
+        return full[: mat.shape[0], : mat.shape[1]].reshape(shape).astype(np.float32)
+    keep = _topk_flat(scores.ravel(), sparsity, monotone and prev_mask is not None)
+    return keep.reshape(shape).astype(np.float32)
+
+
+def _topk_flat(flat, sparsity, respect_pruned):
+    n = flat.size
+    k_prune = int(round(float(sparsity) * n))
+    if respect_pruned:
+        k_prune = max(k_prune, int(np.sum(~np.isfinite(flat))))
+    k_prune = min(k_prune, n)
+    order = np.argsort(flat, kind="stable")  # ascending; -inf first, ties by position
+    keep = np.ones(n, dtype=np.float32)
+    keep[order[:k_prune]] = 0.0
+    return keep
+
+
+def apply_masks(wrapper, masks, zero_weights=True):
+    """Assigns `masks` (numpy arrays) to `wrapper.masks` and zeroes the pruned weights.
+
+    Zeroing the stored weights keeps checkpoints and saved files sparse; with an
+    all-ones mask nothing changes.
+    """
+    if len(masks) != len(wrapper.masks):
+        raise ValueError(
+            f"Expected {len(wrapper.masks)} masks for layer '{wrapper.name}'. "
+            f"Received: {len(masks)} masks"
+        )
+    for w, m_var, m in zip(wrapper.prunable_weights, wrapper.masks, masks):
+        m = np.asarray(m, dtype=np.float32).reshape(tuple(m_var.shape))
+        if not np.all((m == 0.0) | (m == 1.0)):
+            raise ValueError(f"Masks must hold only 0 and 1 (layer '{wrapper.name}').")
+        m_var.assign(m)
+        if zero_weights:
+            w.assign(ops.convert_to_numpy(w.value) * m.astype(ops.convert_to_numpy(w).dtype))
+
+
+def rezero(wrapper):
+    """Re-applies the current masks to the stored weights (optimizer drift)."""
+    for w, m in zip(wrapper.prunable_weights, wrapper.masks):
+        mv = ops.convert_to_numpy(m.value)
+        if mv.min() < 1.0:
+            wv = ops.convert_to_numpy(w.value)
+            w.assign(wv * mv.astype(wv.dtype))
+
+
+def mask_sparsity(masks) -> float:
+    """Fraction of zeros over a list of masks."""
+    total = sum(int(np.prod(np.shape(m))) for m in masks)
+    if total == 0:
+        return 0.0
+    zeros = sum(int(np.sum(np.asarray(m) == 0)) for m in masks)
+    return zeros / total

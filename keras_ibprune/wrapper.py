@@ -1,0 +1,247 @@
+"""`PruneWrapper`: a Keras layer wrapper that holds pruning masks.
+
+The wrapper keeps one non-trainable mask per prunable weight of the inner layer
+(``granularity="weight"``) or one mask over the layer's output units/filters
+(``granularity="channel"``). The forward pass runs the inner layer with each prunable
+weight ``w`` replaced by ``w * mask`` (through ``keras.StatelessScope``, so any layer,
+on any backend, sees masked weights and gradients of pruned weights are exactly zero).
+Channel masks multiply the layer's output after bias and activation.
+
+There is no step counter and no assert in ``call``: the masks are state, the policy that
+changes them lives in the `IBPruning` callback / `Pruner`.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from keras_ibprune import registry
+
+try:  # Keras >= 3.0 keeps these helpers here.
+    from keras.src.backend.common.stateless_scope import get_stateless_scope
+except ImportError:  # pragma: no cover
+    get_stateless_scope = None
+
+GRANULARITIES = ("weight", "channel")
+
+
+def _check_block_size(block_size):
+    if block_size is None:
+        return None
+    try:
+        bs = tuple(int(b) for b in block_size)
+    except TypeError:
+        bs = ()
+    if len(bs) != 2 or min(bs) < 1:
+        raise ValueError(
+            "`block_size` must be None or a pair of positive ints such as (1, 4). "
+            f"Received: block_size={block_size!r}"
+        )
+    return None if bs == (1, 1) else bs
+
+
+@keras.saving.register_keras_serializable(package="keras_ibprune")
+class PruneWrapper(keras.layers.Wrapper):
+    """Wraps a Keras layer and masks its prunable weights (or output units).
+
+    Args:
+        layer: the layer to prune (Dense, Conv*, DepthwiseConv*, SeparableConv*,
+            EinsumDense, Embedding, MultiHeadAttention, SimpleRNN/LSTM/GRU, or a custom layer
+            defining `get_prunable_weights()`).
+        granularity: `"weight"` (unstructured masks, one per prunable weight) or
+            `"channel"` (one mask over output units/filters, for `shrink`).
+        block_size: optional `(rows, cols)` block for weight masks, e.g. `(1, 4)`: weights
+            are kept or removed in blocks of the kernel viewed as a 2-D matrix
+            `(prod(shape[:-1]), shape[-1])`.
+        **kwargs: base layer keyword arguments (`name`, ...).
+
+    Example:
+
+    ```python
+    fc = kib.PruneWrapper(keras.layers.Dense(10))
+    y = fc(np.ones((2, 4)))            # identical to the plain layer while masks are 1
+    fc.masks[0].shape                  # (4, 10)
+    ```
+    """
+
+    def __init__(self, layer, granularity="weight", block_size=None, **kwargs):
+        if isinstance(layer, PruneWrapper):
+            raise ValueError(
+                "The layer is already a PruneWrapper; wrapping it twice is not allowed. "
+                f"Received: layer={layer.name!r} (PruneWrapper around {layer.layer.name!r})"
+            )
+        if not isinstance(layer, keras.layers.Layer):
+            raise ValueError(
+                f"PruneWrapper expects a keras.layers.Layer. Received: layer={layer!r}"
+            )
+        if isinstance(layer, keras.Model):
+            raise ValueError(
+                "PruneWrapper wraps a single layer, not a model: use `kib.prune(model)`. "
+                f"Received: layer={layer.name!r} of type {type(layer).__name__}"
+            )
+        if not registry.is_prunable(layer):
+            raise ValueError(registry.unsupported_message(layer))
+        if granularity not in GRANULARITIES:
+            raise ValueError(
+                f"`granularity` must be one of {GRANULARITIES}. Received: granularity="
+                f"{granularity!r}"
+            )
+        if granularity == "channel" and not registry.supports_channels(layer):
+            raise ValueError(
+                f"granularity='channel' needs a channels_last Dense/Conv-style layer. Received: "
+                f"layer={layer.name!r} of type {type(layer).__name__}"
+            )
+        kwargs.setdefault("name", f"prune_{layer.name}")
+        super().__init__(layer, **kwargs)
+        self.granularity = granularity
+        self.block_size = _check_block_size(block_size)
+        if self.block_size is not None and granularity != "weight":
+            raise ValueError(
+                "`block_size` applies to granularity='weight' only. Received: "
+                f"granularity={granularity!r}, block_size={block_size!r}"
+            )
+        self.masks = []
+        self.unit_mask = None
+        self._masks_built = False
+        self._capture = None  # set by keras_ibprune.stats while capturing activations
+        self.supports_masking = getattr(layer, "supports_masking", False)
+        self._call_has_training_arg = layer._call_has_training_arg
+        self._call_has_mask_arg = layer._call_has_mask_arg
+
+    # ------------------------------------------------------------------ build
+    def build(self, input_shape=None):
+        if not self.layer.built and not isinstance(self.layer, keras.layers.MultiHeadAttention):
+            self.layer.build(input_shape)
+        if self.layer.built:
+            self._build_masks(input_shape)
+        self.built = True
+
+    def _build_masks(self, input_shape=None):
+        if self._masks_built:
+            return
+        self.masks = []
+        for w in self.prunable_weights:
+            self.masks.append(
+                self.add_weight(
+                    name=f"{w.name}_mask",
+                    shape=tuple(w.shape),
+                    initializer="ones",
+                    trainable=False,
+                    dtype="float32",
+                )
+            )
+        if self.granularity == "channel":
+            units = self._num_units(input_shape)
+            self.unit_mask = self.add_weight(
+                name="unit_mask",
+                shape=(units,),
+                initializer="ones",
+                trainable=False,
+                dtype="float32",
+            )
+        self._masks_built = True
+
+    def _num_units(self, input_shape):
+        layer = self.layer
+        for attr in ("units", "filters"):
+            if getattr(layer, attr, None):
+                return int(getattr(layer, attr))
+        # Depthwise convolutions: channels_in * depth_multiplier.
+        kernel = layer.kernel
+        return int(kernel.shape[-2] * kernel.shape[-1])
+
+    @property
+    def prunable_weights(self):
+        """The inner layer's variables that the masks apply to."""
+        if not self.layer.built:
+            return []
+        return registry.get_prunable_weights(self.layer)
+
+    # ------------------------------------------------------------------- call
+    def call(self, inputs, *args, **kwargs):
+        # `training` / `mask` arrive in kwargs exactly when the inner layer takes them.
+        args = (inputs, *args)
+        if not self._masks_built:
+            # Layers whose build needs several inputs (MultiHeadAttention) build on
+            # their first (symbolic) call; masks follow.
+            self.layer(*args, **kwargs)
+            locked = self._tracker.locked
+            self._tracker.unlock()
+            try:
+                self._build_masks()
+            finally:
+                if locked:
+                    self._tracker.lock()
+        capture = self._capture
+        if self.granularity == "weight" and any(True for _ in self.masks):
+            outputs, preact = self._masked_call(args, kwargs, capture is not None)
+        else:
+            outputs, preact = self._inner_call(args, kwargs, capture is not None)
+        if self.unit_mask is not None:
+            m = ops.cast(self.unit_mask, outputs.dtype)
+            outputs = outputs * m
+        if capture is not None:
+            capture.append((args[0] if args else None, preact, outputs))
+        return outputs
+
+    def _inner_call(self, args, kwargs, want_preact):
+        act = getattr(self.layer, "activation", None)
+        if not want_preact or act is None or isinstance(self.layer, keras.layers.RNN):
+            out = self.layer(*args, **kwargs)
+            return out, out
+        # Capture mode (eager only): run without the activation to record pre-activations.
+        self.layer.activation = keras.activations.linear
+        try:
+            z = self.layer(*args, **kwargs)
+        finally:
+            self.layer.activation = act
+        return act(z), z
+
+    def _masked_call(self, args, kwargs, want_preact):
+        mapping = [
+            (w, ops.multiply(w.value, ops.cast(m.value, w.dtype)))
+            for w, m in zip(self.prunable_weights, self.masks)
+        ]
+        outer = get_stateless_scope() if get_stateless_scope else None
+        with keras.StatelessScope(mapping) as scope:
+            if outer is not None:
+                # Keep the enclosing stateless values (JAX training, symbolic builds).
+                for key, value in outer.state_mapping.items():
+                    scope.state_mapping.setdefault(key, value)
+            initial = dict(scope.state_mapping)
+            outputs, preact = self._inner_call(args, kwargs, want_preact)
+        # Propagate updates made by the inner layer (seed generators, stateful RNNs).
+        masked_ids = {id(w) for w, _ in mapping}
+        for v in self.layer.variables:
+            if id(v) in masked_ids:
+                continue
+            new = scope.get_current_value(v)
+            if new is None or new is initial.get(id(v)):
+                continue
+            if outer is not None:
+                outer.add_update((v, new))
+            else:
+                v.assign(new)
+        return outputs, preact
+
+    # ------------------------------------------------------------- utilities
+    def compute_mask(self, inputs, mask=None):
+        return self.layer.compute_mask(inputs, mask)
+
+    def masked_weights(self):
+        """Returns numpy copies of the prunable weights with masks applied."""
+        return [
+            ops.convert_to_numpy(w.value) * ops.convert_to_numpy(m.value)
+            for w, m in zip(self.prunable_weights, self.masks)
+        ]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "granularity": self.granularity,
+                "block_size": list(self.block_size) if self.block_size else None,
+            }
+        )
+        return config
