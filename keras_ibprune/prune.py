@@ -178,8 +178,12 @@ def _baked_weights(wrapper):
             if isinstance(inner, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
                 k = inner.kernel
                 values[id(k)] = values[id(k)] * um.reshape(k.shape[-2], k.shape[-1])
-            elif isinstance(inner, keras.layers.Conv2DTranspose | keras.layers.Conv1DTranspose |
-                            keras.layers.Conv3DTranspose):
+            elif isinstance(
+                inner,
+                keras.layers.Conv2DTranspose
+                | keras.layers.Conv1DTranspose
+                | keras.layers.Conv3DTranspose,
+            ):
                 values[id(inner.kernel)] = values[id(inner.kernel)] * um[:, None]
             else:
                 last = wrapper.prunable_weights[-1]

@@ -109,6 +109,14 @@ class PruneWrapper(keras.layers.Wrapper):
         self._call_has_training_arg = layer._call_has_training_arg
         self._call_has_mask_arg = layer._call_has_mask_arg
 
+    def __setattr__(self, name, value):
+        if name == "_capture":
+            # A plain sink list set by keras_ibprune.stats: keep it untracked (Keras would
+            # copy a list into a TrackedList and the caller would never see the records).
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
     # ------------------------------------------------------------------ build
     def build(self, input_shape=None):
         if not self.layer.built and not isinstance(self.layer, keras.layers.MultiHeadAttention):
@@ -245,3 +253,10 @@ class PruneWrapper(keras.layers.Wrapper):
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)  # the base class pops "layer"; leave the caller's dict intact
+        if config.get("block_size") is not None:
+            config["block_size"] = tuple(config["block_size"])
+        return super().from_config(config, custom_objects=custom_objects)

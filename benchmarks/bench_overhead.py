@@ -1,0 +1,112 @@
+"""Training-time overhead of pruning: keras_ibprune's PruneWrapper vs tfmot, one process.
+
+Three copies of LeNet-5-Caffe train on the same data with the same optimizer: the plain Keras 3
+model, the same model wrapped by `kib.prune` with the `IBPruning` callback (magnitude score,
+50 % sparsity, masks updated every epoch), and a tf_keras twin wrapped by tfmot's
+`prune_low_magnitude` (+ `UpdatePruningStep`, same sparsity). Epochs are interleaved
+(plain, ours, tfmot, plain, ...) so machine noise hits all three alike; the first round
+(tracing) is dropped and the median epoch time of each is divided by the plain model's.
+
+    python benchmarks/bench_overhead.py [--data mnist|digits] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _data  # noqa: E402
+
+
+def _keras_pair(x, num_classes, sparsity):
+    import keras
+
+    import keras_ibprune as kib
+
+    keras.utils.set_random_seed(0)
+    plain = _data.lenet5(x.shape[1:], num_classes)
+    plain.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    ours = kib.prune(plain)
+    ours.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    cb = kib.IBPruning(kib.ConstantSparsity(sparsity), score="magnitude")
+    return plain, (ours, [cb])
+
+
+def _tfmot(x, num_classes, sparsity, steps):
+    saved = os.environ.get("TF_USE_LEGACY_KERAS")
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+
+    if saved is None:  # tfmot sets this at import; do not let it leak further
+        os.environ.pop("TF_USE_LEGACY_KERAS", None)
+    base = _data.lenet5(x.shape[1:], num_classes, lib=tf_keras)
+    sched = tfmot.sparsity.keras.ConstantSparsity(sparsity, begin_step=0, frequency=steps)
+    model = tfmot.sparsity.keras.prune_low_magnitude(base, pruning_schedule=sched)
+    model.compile(tf_keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    return model, [tfmot.sparsity.keras.UpdatePruningStep()]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="mnist" if _data.mnist_available() else "digits")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved epochs per model")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--no-tfmot", action="store_true")
+    args = p.parse_args(argv)
+
+    (x, y), _ = _data.load(args.data)
+    steps = -(-len(x) // args.batch_size)
+    plain, ours = _keras_pair(x, 10, args.sparsity)
+    runs = {"keras (plain)": (plain, []), "keras_ibprune": ours}
+    if not args.no_tfmot:
+        runs["tfmot"] = _tfmot(x, 10, args.sparsity, steps)
+    times = {k: [] for k in runs}
+    for r in range(args.rounds + 1):
+        for name, (model, cbs) in runs.items():
+            t0 = time.perf_counter()
+            model.fit(
+                x,
+                y,
+                batch_size=args.batch_size,
+                epochs=r + 1,
+                initial_epoch=r,
+                callbacks=cbs,
+                verbose=0,
+                shuffle=False,
+            )
+            if r > 0:  # round 0 traces the train step
+                times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["keras (plain)"])
+    print(
+        f"# Training overhead ({args.data}, {len(x)} samples, batch {args.batch_size}, "
+        f"{args.rounds} timed epochs each, interleaved)"
+    )
+    print(
+        f"date: {datetime.date.today()}, machine: {platform.machine()} "
+        f"{os.cpu_count()} CPUs, python {platform.python_version()}"
+    )
+    print("| model | median epoch (s) | ratio to plain |")
+    print("|---|---|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med:.3f} | {med / base:.3f} |")
+    sp = [
+        float(np.mean(m.numpy() == 0))
+        for w in ours[0].layers
+        if hasattr(w, "masks")
+        for m in w.masks
+    ]
+    print(f"keras_ibprune mask sparsity per tensor: {[round(s, 3) for s in sp]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Shared tables for the tests: prunable layer types and model kinds."""
+
+import keras
+import numpy as np
+
+import keras_ibprune as kib
+
+L = keras.layers
+
+# (id, layer factory, input shape without batch, integer inputs?)
+LAYER_CASES = [
+    ("dense", lambda: L.Dense(6, activation="relu"), (5,), False),
+    ("einsum_dense", lambda: L.EinsumDense("ab,bc->ac", output_shape=6), (5,), False),
+    ("conv1d", lambda: L.Conv1D(4, 3), (8, 3), False),
+    ("conv2d", lambda: L.Conv2D(4, 3, activation="relu"), (6, 6, 2), False),
+    ("conv3d", lambda: L.Conv3D(3, 2), (4, 4, 4, 2), False),
+    ("conv1d_transpose", lambda: L.Conv1DTranspose(3, 3), (6, 2), False),
+    ("conv2d_transpose", lambda: L.Conv2DTranspose(3, 3), (5, 5, 2), False),
+    ("depthwise_conv2d", lambda: L.DepthwiseConv2D(3, depth_multiplier=2), (6, 6, 3), False),
+    ("separable_conv1d", lambda: L.SeparableConv1D(4, 3), (8, 3), False),
+    ("separable_conv2d", lambda: L.SeparableConv2D(4, 3), (6, 6, 3), False),
+    ("embedding", lambda: L.Embedding(20, 4), (7,), True),
+    ("simple_rnn", lambda: L.SimpleRNN(4), (5, 3), False),
+    ("lstm", lambda: L.LSTM(4), (5, 3), False),
+    ("gru", lambda: L.GRU(4), (5, 3), False),
+]
+LAYER_IDS = [c[0] for c in LAYER_CASES]
+
+
+def make_input(shape, integer=False, n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    if integer:
+        return rng.integers(0, 20, size=(n, *shape))
+    return rng.standard_normal((n, *shape)).astype("float32")
+
+
+def small_cnn(input_shape=(8, 8, 1), classes=10):
+    inp = keras.Input(input_shape)
+    h = L.Conv2D(8, 3, activation="relu", name="conv")(inp)
+    h = L.MaxPooling2D()(h)
+    h = L.Flatten()(h)
+    h = L.Dense(32, activation="relu", name="fc1")(h)
+    out = L.Dense(classes, name="logits")(h)
+    return keras.Model(inp, out, name="small_cnn")
+
+
+def _sequential():
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            L.Conv2D(8, 3, activation="relu", name="conv"),
+            L.Flatten(),
+            L.Dense(16, activation="relu", name="fc1"),
+            L.Dense(10, name="logits"),
+        ],
+        name="seq",
+    )
+
+
+def _nested():
+    inner = keras.Sequential(
+        [keras.Input((8, 8, 1)), L.Conv2D(8, 3, activation="relu", name="conv"), L.Flatten()],
+        name="features",
+    )
+    inp = keras.Input((8, 8, 1))
+    h = inner(inp)
+    h = L.Dense(16, activation="relu", name="fc1")(h)
+    return keras.Model(inp, L.Dense(10, name="logits")(h), name="nested")
+
+
+def _reused():
+    shared = L.Dense(16, activation="relu", name="shared")
+    inp = keras.Input((8, 8, 1))
+    h = L.Flatten()(inp)
+    h = L.Dense(16, activation="relu", name="fc0")(h)
+    h = shared(h)
+    h = shared(h)
+    return keras.Model(inp, L.Dense(10, name="logits")(h), name="reused")
+
+
+@keras.saving.register_keras_serializable(package="keras_ibprune_tests")
+class SubclassedNet(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = kib.PruneWrapper(L.Conv2D(8, 3, activation="relu", name="conv"))
+        self.flat = L.Flatten()
+        self.fc1 = kib.PruneWrapper(L.Dense(16, activation="relu", name="fc1"))
+        self.logits = L.Dense(10, name="logits")
+
+    def call(self, x):
+        return self.logits(self.fc1(self.flat(self.conv(x))))
+
+
+def _subclassed():
+    model = SubclassedNet(name="sub")
+    model(np.zeros((1, 8, 8, 1), "float32"))
+    return model
+
+
+MODEL_KINDS = {
+    "sequential": _sequential,
+    "functional": small_cnn,
+    "nested": _nested,
+    "reused": _reused,
+    "subclassed": _subclassed,
+}
+
+
+def pruned_model(kind):
+    """A model of the given kind with its prunable layers wrapped."""
+    model = MODEL_KINDS[kind]()
+    return model if kind == "subclassed" else kib.prune(model, exclude=["logits"])
+
+
+def data(n=128, seed=0, shape=(8, 8, 1), classes=10):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, *shape)).astype("float32")
+    y = rng.integers(0, classes, n)
+    return x, y
+
+
+def randomize_masks(model, sparsity=0.5, seed=0):
+    rng = np.random.default_rng(seed)
+    for w in kib.stats.find_wrappers(model):
+        for m in w.masks:
+            m.assign((rng.random(tuple(m.shape)) >= sparsity).astype("float32"))

@@ -1,0 +1,209 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from _cases import MODEL_KINDS, data, pruned_model, small_cnn
+
+import keras_ibprune as kib
+
+
+def _compile(model):
+    model.compile(
+        keras.optimizers.Adam(1e-2),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def _fit(model, cb, epochs, x=None, y=None, **kw):
+    if x is None:
+        x, y = data(96)
+    return model.fit(
+        x, y, batch_size=32, epochs=epochs, callbacks=[cb], verbose=0, shuffle=False, **kw
+    )
+
+
+@pytest.mark.parametrize("kind", list(MODEL_KINDS))
+def test_target_sparsity_reached_exactly_per_layer(kind):
+    model = _compile(pruned_model(kind))
+    cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.75, 0, 2), score="magnitude")
+    history = _fit(model, cb, epochs=3)
+    for w in kib.stats.find_wrappers(model):
+        for m, v in zip(w.masks, w.prunable_weights):
+            m = m.numpy()
+            assert int((m == 0).sum()) == round(0.75 * m.size), w.name
+            # Stored weights are exactly zero under the mask after fit (Adam momentum too).
+            assert np.all(v.numpy()[m == 0] == 0)
+    assert history.history["sparsity"][-1] == pytest.approx(0.75, abs=1e-3)
+    assert history.history["sparsity"][0] < history.history["sparsity"][1] < 0.76
+
+
+def test_logs_reach_history_and_csvlogger(tmp_path):
+    model = _compile(kib.prune(small_cnn()))
+    csv = tmp_path / "log.csv"
+    cb = kib.IBPruning(kib.ConstantSparsity(0.5), score="magnitude")
+    x, y = data(64)
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[cb, keras.callbacks.CSVLogger(str(csv))])
+    header = csv.read_text().splitlines()[0].split(",")
+    assert {"sparsity", "sparsity/conv", "sparsity/fc1", "sparsity/logits"} <= set(header)
+
+
+def test_verbose_prints_one_line_per_update(capsys):
+    model = _compile(kib.prune(small_cnn()))
+    _fit(model, kib.IBPruning(kib.PolynomialDecay(0.0, 0.5, 0, 2), verbose=1), epochs=4)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("IBPruning:")]
+    assert len(lines) == 2 and "sparsity 0.5" in lines[-1]
+
+
+def test_update_every_steps():
+    model = _compile(kib.prune(small_cnn()))
+    cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.6, 0, 1), update_every=1)
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(kib.sparsity(self.model))
+
+    x, y = data(96)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[cb, Spy()])
+    # Steps 1 and 2 update inside the epoch; step 3 is the epoch end (updated once there).
+    assert 0 < seen[0] < seen[1] < 0.6
+    assert seen[0] == pytest.approx(0.6 * (1 - (2 / 3) ** 3), abs=2e-3)
+    assert kib.sparsity(model) == pytest.approx(0.6, abs=1e-3)
+
+
+def test_resume_from_saved_model_gives_same_masks(tmp_path):
+    x, y = data(96)
+    sched = kib.PolynomialDecay(0.0, 0.8, 0, 4)
+
+    def fresh():
+        keras.utils.set_random_seed(7)
+        return _compile(kib.prune(small_cnn()))
+
+    full = fresh()
+    _fit(full, kib.IBPruning(sched), epochs=5, x=x, y=y)
+
+    part = fresh()
+    _fit(part, kib.IBPruning(sched), epochs=2, x=x, y=y)
+    part.save(tmp_path / "mid.keras")
+    resumed = keras.models.load_model(tmp_path / "mid.keras")
+    _fit(resumed, kib.IBPruning(sched), epochs=5, x=x, y=y, initial_epoch=2)
+
+    for a, b in zip(kib.stats.find_wrappers(full), kib.stats.find_wrappers(resumed)):
+        for ma, mb in zip(a.masks, b.masks):
+            np.testing.assert_array_equal(ma.numpy(), mb.numpy())
+    assert kib.sparsity(resumed) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_backup_and_restore(tmp_path):
+    x, y = data(64)
+    model = _compile(kib.prune(small_cnn()))
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("simulated interruption")
+
+    cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.8, 0, 4))
+    with pytest.raises(RuntimeError, match="simulated"):
+        model.fit(x, y, epochs=5, verbose=0, callbacks=[cb, backup, Crash()])
+    history = model.fit(x, y, epochs=5, verbose=0, callbacks=[cb, backup])
+    assert len(history.history["sparsity"]) < 5  # resumed, not restarted
+    assert history.history["sparsity"][-1] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_no_wrapper_is_an_error_at_train_begin():
+    model = _compile(small_cnn())
+    with pytest.raises(ValueError, match="contains no PruneWrapper.*kib.prune"):
+        _fit(model, kib.IBPruning(kib.ConstantSparsity(0.5)), epochs=1)
+
+
+def test_unknown_score_and_allocation():
+    with pytest.raises(ValueError, match="Unknown score.*Received: score='l0'"):
+        kib.IBPruning(kib.ConstantSparsity(0.5), score="l0")
+    with pytest.raises(ValueError, match="Unknown allocation.*Received: allocation='best'"):
+        kib.IBPruning(kib.ConstantSparsity(0.5), allocation="best")
+    with pytest.raises(ValueError, match="update_every"):
+        kib.IBPruning(kib.ConstantSparsity(0.5), update_every=0)
+
+
+def test_random_score_and_erk_allocation_and_min_density():
+    model = _compile(kib.prune(small_cnn()))
+    cb = kib.IBPruning(
+        kib.OneShot(0.9), score=kib.RandomScore(seed=3), allocation="erk", min_density=0.2
+    )
+    _fit(model, cb, epochs=1)
+    per = {w.layer.name: 1 - w.masks[0].numpy().mean() for w in kib.stats.find_wrappers(model)}
+    assert all(s <= 0.8 + 1e-6 for s in per.values())
+    assert per["fc1"] == pytest.approx(0.8, abs=1e-3) and per["conv"] < per["fc1"]
+
+
+def test_pruner_in_a_custom_loop():
+    model = kib.prune(small_cnn())
+    pruner = kib.Pruner(model, kib.PolynomialDecay(0.0, 0.5, 0, 2))
+    pruner.reset()
+    assert not pruner.update(0)
+    assert pruner.update(1) and pruner.update(2)
+    assert pruner.current_sparsity() == pytest.approx(0.5, abs=1e-3)
+    assert pruner.logs()["sparsity/fc1"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_callback_config_round_trip():
+    cb = kib.IBPruning(
+        kib.PolynomialDecay(0.0, 0.9, 1, 5),
+        score="random",
+        allocation="erk",
+        update_every=10,
+        min_density=0.05,
+    )
+    config = cb.get_config()
+    again = kib.IBPruning.from_config(config)
+    assert again.get_config() == config
+    ser = keras.saving.serialize_keras_object(cb)
+    assert ser["registered_name"] == "keras_ibprune>IBPruning"
+
+
+def test_mirrored_strategy_matches_single_device(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys, numpy as np, tensorflow as tf
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0],
+            [tf.config.LogicalDeviceConfiguration()] * 2)
+        import keras, keras_ibprune as kib
+        sys.path.insert(0, sys.argv[1])
+        from _cases import small_cnn, data
+        x, y = data(64)
+        def run(strategy):
+            keras.utils.set_random_seed(0)
+            with strategy.scope():
+                model = kib.prune(small_cnn())
+                model.compile(keras.optimizers.SGD(0.05),
+                              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0,
+                      callbacks=[kib.IBPruning(kib.PolynomialDecay(0.0, 0.7, 0, 2))])
+            return [m.numpy() for w in kib.stats.find_wrappers(model) for m in w.masks]
+        mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        assert mirrored.num_replicas_in_sync == 2
+        a, b = run(mirrored), run(tf.distribute.get_strategy())
+        same = all(np.array_equal(p, q) for p, q in zip(a, b))
+        sp = 1 - np.concatenate([m.ravel() for m in a]).mean()
+        print("RESULT", same, round(float(sp), 3))
+        """
+    )
+    path = tmp_path / "mirrored.py"
+    path.write_text(script)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(
+        [sys.executable, str(path), os.path.dirname(__file__)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert "RESULT True 0.7" in out.stdout, out.stdout + out.stderr[-3000:]

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from keras_ibprune import masks
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 0.99])
+def test_exact_count(sparsity):
+    s = np.random.default_rng(0).random((37, 11))
+    m = masks.topk_mask(s, sparsity)
+    assert m.dtype == np.float32 and set(np.unique(m)) <= {0.0, 1.0}
+    assert int((m == 0).sum()) == round(sparsity * s.size)
+    # The kept entries are exactly the largest scores.
+    if 0 < sparsity:
+        assert s[m == 1].min() >= s[m == 0].max()
+
+
+def test_monotone_keeps_pruned_pruned():
+    rng = np.random.default_rng(1)
+    s1, s2 = rng.random(100), rng.random(100)
+    m1 = masks.topk_mask(s1, 0.5)
+    m2 = masks.topk_mask(s2, 0.7, prev_mask=m1)
+    assert np.all(m2[m1 == 0] == 0) and int((m2 == 0).sum()) == 70
+    # Lowering the target never revives weights.
+    m3 = masks.topk_mask(s2, 0.2, prev_mask=m2)
+    np.testing.assert_array_equal(m3, m2)
+    free = masks.topk_mask(s2, 0.2, prev_mask=m2, monotone=False)
+    assert int((free == 0).sum()) == 20
+
+
+def test_ties_nan_and_inf_are_deterministic():
+    s = np.array([1.0, np.nan, 1.0, np.inf, -np.inf, 1.0, 2.0])
+    a = masks.topk_mask(s, 3 / 7)
+    b = masks.topk_mask(s.copy(), 3 / 7)
+    np.testing.assert_array_equal(a, b)
+    assert not np.isnan(a).any()
+    # NaN and +-inf rank lowest, then ties by position.
+    np.testing.assert_array_equal(a, [1, 0, 1, 0, 0, 1, 1])
+
+
+def test_block_masks_are_whole_blocks():
+    s = np.random.default_rng(2).random((8, 12))
+    m = masks.topk_mask(s, 0.5, block_size=(1, 4))
+    blocks = m.reshape(8, 3, 4)
+    assert np.all(blocks.min(-1) == blocks.max(-1))
+    assert (m == 0).mean() == 0.5
+    conv = np.random.default_rng(3).random((3, 3, 2, 8))
+    mc = masks.topk_mask(conv, 0.75, block_size=(2, 4))
+    assert mc.shape == conv.shape
+    # 18 x 8 matrix -> 9 x 2 blocks of (2, 4); exactly round(0.75 * 18) blocks are zero.
+    assert (mc == 0).sum() == round(0.75 * 18) * 8
+
+
+def test_mask_sparsity():
+    assert masks.mask_sparsity([np.ones(3), np.zeros(1)]) == 0.25
+    assert masks.mask_sparsity([]) == 0.0
