@@ -1,0 +1,471 @@
+"""Structured pruning, physically: remove whole units/filters and build a smaller model.
+
+`shrink` turns a model with channel masks (``kib.prune(model, granularity="channel")``),
+or a plain model plus an explicit ``keep`` dict, into a new, smaller Functional
+`keras.Model` with the same predictions as the masked model. `channel_groups` is the
+dependency analysis behind it: which layers' output channels are coupled (Add, Multiply,
+Concatenate, ...) and must be pruned together.
+
+A removed unit's output is zero in the masked model. Layers between it and its consumers
+(BatchNormalization, activations, pooling, DepthwiseConv, ...) may turn that zero into a
+per-channel constant; `shrink` folds such constants into the consumer's bias (or, for
+padded convolutions, into one retained *carrier* channel), so the result stays exact. A
+masked unit that cannot be removed exactly is kept with zeroed weights instead (it still
+outputs zero), never approximated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_ibprune import _graph as G
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """Output channels of several layers that must be kept or removed together.
+
+    Attributes:
+        members: layer name -> int array with one entry per output unit of the layer: the
+            group channel that unit belongs to.
+        size: number of group channels.
+        prunable: bool array `(size,)`: False for channels `shrink` may never remove.
+        reason: why some channels are not prunable (None if all are).
+    """
+
+    members: dict
+    size: int
+    prunable: np.ndarray
+    reason: str | None = None
+
+    @property
+    def layers(self):
+        """Member layer names, in graph order."""
+        return tuple(self.members)
+
+    def expand(self, group_keep):
+        """Maps a bool keep array over group channels to a `keep` dict over members."""
+        group_keep = np.asarray(group_keep, dtype=bool)
+        return {name: group_keep[idx] for name, idx in self.members.items()}
+
+    def reduce(self, per_unit, fn=np.sum):
+        """Aggregates per-unit scores (`{layer: array}`) into one score per group channel."""
+        out = np.zeros(self.size)
+        parts = [[] for _ in range(self.size)]
+        for name, idx in self.members.items():
+            if name in per_unit:
+                for g, v in zip(idx, np.asarray(per_unit[name], dtype=np.float64)):
+                    parts[g].append(v)
+        for g, p in enumerate(parts):
+            out[g] = fn(p) if p else 0.0
+        return out
+
+
+def channel_groups(model):
+    """Finds the groups of layers whose output channels must be pruned together.
+
+    Producers are Dense, Conv1D/2D/3D, Conv*Transpose and SeparableConv* layers (and
+    DepthwiseConv* layers wrapped with a channel mask). BatchNormalization, activations,
+    Dropout, pooling, padding, cropping, up-sampling and DepthwiseConv pass channels
+    through; Add/Subtract/Multiply/Average/Maximum/Minimum couple their inputs channel by
+    channel; Concatenate maps channels with offsets; Flatten and Reshape map channels to
+    positions when the mapping is position-independent. Channels reaching a model output
+    or consumed by any other layer are reported as not prunable, with the reason.
+
+    Args:
+        model: a Functional or Sequential `keras.Model`, with or without `PruneWrapper`s
+            (a wrapper is reported under its own name).
+
+    Returns:
+        A list of `ChannelGroup`, in graph order; uncoupled layers form singleton groups.
+
+    Raises:
+        ValueError: if the model is not a Functional/Sequential graph.
+
+    Example:
+
+    ```python
+    for g in kib.channel_groups(model):
+        print(g.layers, g.size, g.prunable.sum())
+    ```
+    """
+    func = G.functional_of(model)
+    members = [la.name for la in func.layers if G.is_channel_wrapper(la)]
+    graph = G.Graph(func, members=members)
+    return _groups(graph)
+
+
+def _groups(graph):
+    uf = graph.uf
+    owner, order = {}, list(graph.units)
+    parent = {k: k for k in order}
+
+    def find(k):
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    roots = {k: uf.roots(c) for k, c in graph.units.items()}
+    for k in order:
+        for r in np.unique(roots[k]):
+            r = int(r)
+            if r in owner:
+                parent[find(k)] = find(owner[r])
+            else:
+                owner[r] = k
+    groups = {}
+    for k in order:
+        groups.setdefault(find(k), []).append(k)
+    out = []
+    for keys in groups.values():
+        index = {}
+        for k in keys:
+            for r in roots[k]:
+                index.setdefault(int(r), len(index))
+        fixed = [graph.fixed(r) for r in index]
+        reasons = [uf.reason[r] for r in index if graph.fixed(r)]
+        out.append(
+            ChannelGroup(
+                members={k: np.array([index[int(r)] for r in roots[k]]) for k in keys},
+                size=len(index),
+                prunable=~np.array(fixed, dtype=bool),
+                reason=reasons[0] if reasons else None,
+            )
+        )
+    return out
+
+
+def check_widths(keep, min_width=None):
+    """Validates a `keep` dict: no layer loses every unit, none falls below `min_width`.
+
+    Args:
+        keep: dict layer name -> bool array over the layer's output units (True = keep).
+        min_width: optional minimum number of units each layer must keep.
+
+    Raises:
+        ValueError: if a mask keeps no unit, if `min_width` exceeds a layer's width, or if
+            a mask keeps fewer than `min_width` units.
+
+    Example:
+
+    ```python
+    kib.check_widths({"conv": np.array([True, False, True])}, min_width=2)
+    ```
+    """
+    for name, mask in keep.items():
+        mask = np.asarray(mask, dtype=bool).reshape(-1)
+        if not mask.any():
+            raise ValueError(
+                f"The channel mask would remove every unit of layer '{name}'; keep at least "
+                f"one. Received: keep[{name!r}] with 0 of {mask.size} units kept"
+            )
+        if min_width is None:
+            continue
+        if min_width > mask.size:
+            raise ValueError(
+                f"`min_width` is larger than layer '{name}', which has {mask.size} units. "
+                f"Received: min_width={min_width}"
+            )
+        if mask.sum() < min_width:
+            raise ValueError(
+                f"The channel mask keeps {int(mask.sum())} units of layer '{name}', fewer "
+                f"than min_width. Received: min_width={min_width}"
+            )
+
+
+def _wrapper_masks(func):
+    wrappers = [la for la in func.layers if G.is_wrapper(la)]
+    masks = {
+        w.name: ops.convert_to_numpy(w.unit_mask) > 0.5 for w in wrappers if G.is_channel_wrapper(w)
+    }
+    return wrappers, masks
+
+
+def shrink(model, keep=None, round_to=None, min_width=None):
+    """Builds a physically smaller model with the same predictions as the masked model.
+
+    Removed units lose their kernel columns and bias; every consumer loses the matching
+    input slice (Dense rows, also through Flatten/Reshape; Conv/ConvTranspose input
+    channels; DepthwiseConv and SeparableConv channels; BatchNormalization statistics;
+    Concatenate offsets). Coupled layers (see `channel_groups`) keep a channel if any of
+    them keeps it; a masked unit that is kept (coupling, `round_to`, or a non-constant
+    value reaching a consumer) gets zero weights so it still outputs zero.
+
+    Args:
+        model: a Functional or Sequential `keras.Model`. `PruneWrapper`s with
+            `granularity="channel"` provide the masks (weight-granularity wrappers are
+            baked); the result has no wrappers and its layers carry the inner names.
+        keep: optional dict layer name -> bool array `(units,)`, True = keep; overrides
+            (or, for plain models, replaces) the wrappers' unit masks. Names may be
+            wrapper names or inner-layer names.
+        round_to: optional int; every pruned layer's width is raised to a multiple of it
+            (or to its full width) by keeping back removed units in index order.
+        min_width: optional minimum number of units per layer (see `check_widths`).
+
+    Returns:
+        A new Functional `keras.Model`.
+
+    Raises:
+        ValueError: if the model has no channel masks, a mask removes every unit of a
+            layer, names an unknown layer or has the wrong size, or asks to remove
+            channels that cannot be removed (model outputs, unsupported consumers), or a
+            masked unit that must be kept has an activation that is non-zero at zero.
+
+    Example:
+
+    ```python
+    pruned = kib.prune(model, granularity="channel")
+    # ... train with the pruning callback ...
+    small = kib.shrink(pruned, round_to=8)
+    ```
+    """
+    func = G.functional_of(model)
+    wrappers, masks = _wrapper_masks(func)
+    if keep is None:
+        if not masks:
+            got = (
+                f"a model with only weight masks ({len(wrappers)} PruneWrapper(s) with "
+                "granularity='weight')"
+                if wrappers
+                else "a model without PruneWrappers"
+            )
+            raise ValueError(
+                "shrink needs granularity='channel' masks: use "
+                "`kib.prune(model, granularity='channel')` or pass `keep=`. Received "
+                f"{got}."
+            )
+        keep = masks
+    else:
+        alias = {w.layer.name: w.name for w in wrappers}
+        keep = {**masks, **{alias.get(k, k): np.asarray(v, dtype=bool) for k, v in keep.items()}}
+    if round_to is not None and (int(round_to) != round_to or round_to < 1):
+        raise ValueError(f"`round_to` must be a positive int. Received: round_to={round_to!r}")
+    graph = G.Graph(func, members=list(keep))
+    for name, mask in keep.items():
+        if name not in graph.units:
+            raise ValueError(
+                f"`keep` names layer '{name}', which is not a Dense/Conv/ConvTranspose/"
+                "SeparableConv/DepthwiseConv layer at the top level of the model (nested "
+                f"models are not supported). Received: keep keys={sorted(keep)}"
+            )
+        if mask.shape != graph.units[name].shape:
+            raise ValueError(
+                f"The mask of layer '{name}' must have shape {graph.units[name].shape}. "
+                f"Received: shape={mask.shape}"
+            )
+    check_widths(keep, min_width)
+    plan = _plan(graph, keep, round_to)
+    return _rebuild(graph, keep, plan)
+
+
+def _plan(graph, keep, round_to):
+    """Decides which classes are removed; returns (removed roots, neutral roots, dead)."""
+    uf = graph.uf
+    removed, kept = graph.removed_from_masks(keep)
+    for r in removed:
+        if graph.fixed(r):
+            name = next(k for k, c in graph.units.items() if r in set(uf.roots(c).tolist()))
+            raise ValueError(
+                f"Cannot remove units of layer '{name}': {uf.reason[r]}. Keep those units "
+                "(see `kib.channel_groups`) or restructure the model."
+            )
+    member_roots = {int(r) for c in graph.units.values() for r in uf.roots(c)}
+    dead = G.dead_values(graph)
+    changed = True
+    while changed:
+        changed = False
+        neutral = member_roots - kept - removed
+        for rec in graph.sites:
+            roots = graph.roots(rec.ins[0])
+            if roots is None:
+                continue
+            rem = np.array([int(r) in removed for r in roots], dtype=bool)
+            d = dead[rec.ins[0]]
+            need = rem & np.isnan(d)
+            nz = rem & ~np.isnan(d) & (d != 0)
+            layer = rec.layer
+            padded = not isinstance(layer, G.L.Dense) and (
+                isinstance(layer, G.CONV_T) or not G.no_padding(layer)
+            )
+            if padded and isinstance(layer, G.SEP):
+                need |= nz
+            elif padded and nz.any() and _carrier(roots, d, neutral) is None:
+                need[np.flatnonzero(nz & ~need)[:1]] = True
+            for r in set(roots[need].tolist()):
+                removed.discard(r)
+                changed = True
+        if round_to:
+            for classes in graph.units.values():
+                roots = [int(r) for r in uf.roots(classes)]
+                for r in roots:
+                    width = sum(x not in removed for x in roots)
+                    if width % round_to == 0 or width == len(roots):
+                        break
+                    if r in removed:  # keep back removed units in index order
+                        removed.discard(r)
+                        changed = True
+    neutral = member_roots - kept - removed
+    for key, classes in graph.units.items():
+        if key in keep and not G.act_is_zero_at_zero(graph.layers[key]):
+            roots = uf.roots(classes)
+            if any(int(r) not in removed for r in roots[~keep[key]]):
+                raise ValueError(
+                    f"A masked unit of layer '{key}' must be kept (coupling, round_to or "
+                    "padding), but its activation is not zero at zero, so it cannot be "
+                    "made to output zero. Received: activation="
+                    f"{getattr(graph.layers[key].activation, '__name__', '?')}"
+                )
+    return removed, neutral, dead
+
+
+def _carrier(roots, d, neutral):
+    ok = [i for i, r in enumerate(roots) if int(r) in neutral and np.isfinite(d[i]) and d[i] != 0]
+    return ok[0] if ok else None
+
+
+def _values(op):
+    """Numpy weights of the effective layer, weight masks baked in."""
+    inner = op.layer if G.is_wrapper(op) else op
+    vals = {id(v): ops.convert_to_numpy(v) for v in inner.weights}
+    if G.is_wrapper(op) and getattr(op, "granularity", None) != "channel":
+        for w, m in zip(op.prunable_weights, op.masks):
+            vals[id(w)] = vals[id(w)] * ops.convert_to_numpy(m).astype(vals[id(w)].dtype)
+    return [vals[id(v)] for v in inner.weights], [v.name for v in inner.weights]
+
+
+def _rebuild(graph, keep, plan):
+    removed, neutral, dead = plan
+    func = graph.model
+    tmap, cache = {}, {}
+    for x in func.inputs:
+        name = x._keras_history.operation.name
+        tmap[id(x)] = keras.Input(batch_shape=x.shape, dtype=x.dtype, name=name)
+
+    def rem_of(tid):
+        roots = graph.roots(tid)
+        return None if roots is None else np.array([int(r) in removed for r in roots], bool)
+
+    for rec in graph.recs:
+        args, kwargs = rec.node.arguments.fill_in(tmap)
+        if not isinstance(rec.layer, keras.layers.Layer):
+            outs = rec.op(*args, **kwargs)
+        elif id(rec.op) in cache:
+            outs = cache[id(rec.op)](*args, **kwargs)
+        else:
+            cfg, vals = _transform(rec, graph, keep, rem_of, plan)
+            new = type(rec.layer).from_config(cfg)
+            outs = new(*args, **kwargs)
+            if new.weights:
+                if isinstance(vals, dict):
+                    vals = [vals[w.name] for w in new.weights]
+                new.set_weights(vals)
+            cache[id(rec.op)] = new
+        for i, y in zip(rec.outs, keras.tree.flatten(outs)):
+            tmap[i] = y
+    inputs = keras.tree.map_structure(lambda x: tmap[id(x)], func._inputs_struct)
+    outputs = keras.tree.map_structure(lambda x: tmap[id(x)], func._outputs_struct)
+    return keras.Model(inputs, outputs, name=f"{func.name}_shrunk")
+
+
+def _transform(rec, graph, keep, rem_of, plan):
+    """New config and weights (by variable name) of one layer."""
+    removed, neutral, dead = plan
+    layer = rec.layer
+    cfg, (values, names) = layer.get_config(), _values(rec.op)
+    vals = dict(zip(names, values))
+    rem = rem_of(rec.ins[0]) if rec.ins else None
+    if rec.kind == "producer":
+        roots = graph.uf.roots(graph.units[rec.key])
+        out_keep = np.array([int(r) not in removed for r in roots], dtype=bool)
+        neut = ~keep[rec.key] & out_keep if rec.key in keep else np.zeros_like(out_keep)
+        if isinstance(layer, G.DW):
+            return cfg, _depthwise(vals, rem, neut)
+        d = dead[rec.ins[0]]
+        if rem is None:
+            rem = np.zeros(rec.in_shapes[0][-1], dtype=bool)
+        _fold(layer, vals, rem, d, graph.roots(rec.ins[0]), neutral)
+        bias = vals.get("bias")
+        if isinstance(layer, G.SEP):
+            vals["depthwise_kernel"] = vals["depthwise_kernel"][..., ~rem, :]
+            kern = "pointwise_kernel"
+        else:
+            kern = "kernel"
+        k = vals[kern]
+        if isinstance(layer, G.CONV_T):
+            k = k[..., ~rem][..., out_keep, :]
+            k[..., neut[out_keep], :] = 0.0
+        else:
+            if isinstance(layer, G.SEP):
+                dm = layer.depth_multiplier
+                k = k.reshape(k.shape[:-2] + (-1, dm, k.shape[-1]))[..., ~rem, :, :]
+                k = k.reshape(k.shape[:-3] + (-1, k.shape[-1]))
+            else:
+                k = k[..., ~rem, :]
+            k = k[..., out_keep]
+            k[..., neut[out_keep]] = 0.0
+        vals[kern] = k
+        if bias is not None:
+            vals["bias"] = bias[out_keep] * ~neut[out_keep]
+            cfg["use_bias"] = True
+        cfg["units" if isinstance(layer, G.L.Dense) else "filters"] = int(out_keep.sum())
+        return cfg, vals
+    if rem is None or not rem.any() or rec.kind not in ("depthwise", "bn", "pass", "reshape"):
+        return cfg, values
+    if rec.kind == "depthwise":
+        return cfg, _depthwise(vals, rem, None)
+    if rec.kind == "bn":
+        return cfg, {n: v[~rem] for n, v in vals.items()}
+    if "alpha" in vals and vals["alpha"].shape[-1] == rem.size:
+        vals["alpha"] = vals["alpha"][..., ~rem]
+    if isinstance(layer, G.L.Reshape):
+        width = int((~rem_of(rec.outs[0])).sum())
+        cfg["target_shape"] = tuple(rec.out_shapes[0][1:-1]) + (width,)
+    return cfg, vals
+
+
+def _depthwise(vals, rem, neut):
+    k, b = vals["kernel"].copy(), vals.get("bias")
+    n_in, dm = k.shape[-2:]
+    if neut is not None and neut.any():
+        k.reshape(-1, n_in * dm)[:, neut] = 0.0
+        b = None if b is None else b * ~neut
+    if rem is not None:
+        k = k[..., ~rem, :]
+        b = None if b is None else b.reshape(n_in, dm)[~rem].reshape(-1)
+    out = {"kernel": k}
+    if b is not None:
+        out["bias"] = b
+    return out
+
+
+def _fold(layer, vals, rem, d, roots, neutral):
+    """Adds the constant contribution of removed input channels to the bias/carrier."""
+    live = rem & ~np.isnan(d) & (d != 0)
+    if not live.any():
+        return
+    c = d[live]
+    n_out = G.num_units(layer)
+    if isinstance(layer, G.SEP):
+        dw, dm = vals["depthwise_kernel"], layer.depth_multiplier
+        s = dw.sum(axis=tuple(range(dw.ndim - 2)))[live] * c[:, None]
+        pw = vals["pointwise_kernel"].reshape(-1, dm, n_out)[live]
+        delta = np.einsum("ij,ijo->o", s, pw)
+    elif isinstance(layer, G.L.Dense):
+        delta = c @ vals["kernel"][live]
+    elif isinstance(layer, G.CONV) and G.no_padding(layer):
+        k = vals["kernel"]
+        delta = c @ k.sum(axis=tuple(range(k.ndim - 2)))[live]
+    else:  # padded Conv or ConvTranspose: fold into a carrier channel with constant value
+        car = _carrier(roots, d, neutral)
+        k = vals["kernel"].copy()
+        if isinstance(layer, G.CONV_T):
+            k[..., car] += np.tensordot(k[..., live], c / d[car], axes=([-1], [0]))
+        else:
+            k[..., car, :] += np.tensordot(k[..., live, :], c / d[car], axes=([-2], [0]))
+        vals["kernel"] = k
+        return
+    vals["bias"] = (vals["bias"] if "bias" in vals else np.zeros(n_out, "float32")) + delta
