@@ -6,8 +6,11 @@ Wrap a model with `prune`, add the `IBPruning` callback to `fit`, then `strip_pr
 
 from importlib.metadata import PackageNotFoundError, version
 
-from keras_ibprune import allocation, masks, schedules, scores, stats
+from keras_ibprune import allocation, channels, estimators, masks, schedules, scores, stats
 from keras_ibprune.callbacks import IBPruning, Pruner
+from keras_ibprune.channels import APoZScore, BNGammaScore, L1Score
+from keras_ibprune.export import ExportReport, ExportVerificationError, evaluate, export_tflite
+from keras_ibprune.flops import count_flops, count_params
 from keras_ibprune.prune import prune, strip_pruning
 from keras_ibprune.registry import get_prunable_weights, is_prunable, register_prunable
 from keras_ibprune.schedules import (
@@ -17,8 +20,22 @@ from keras_ibprune.schedules import (
     PolynomialDecay,
     Schedule,
 )
-from keras_ibprune.scores import MagnitudeScore, RandomScore, Score
-from keras_ibprune.summary import SparsitySummary, sparsity, sparsity_summary
+from keras_ibprune.scores import (
+    ActivationScore,
+    GradientScore,
+    IBScore,
+    MagnitudeScore,
+    RandomScore,
+    Score,
+    TaylorScore,
+)
+from keras_ibprune.shrink import ChannelGroup, channel_groups, check_widths, shrink
+from keras_ibprune.summary import (
+    SparsitySummary,
+    plot_information_plane,
+    sparsity,
+    sparsity_summary,
+)
 from keras_ibprune.wrapper import PruneWrapper
 
 try:
@@ -27,7 +44,16 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "APoZScore",
+    "ActivationScore",
+    "BNGammaScore",
+    "ChannelGroup",
     "ConstantSparsity",
+    "ExportReport",
+    "ExportVerificationError",
+    "GradientScore",
+    "IBScore",
+    "L1Score",
     "IBPruning",
     "Iterative",
     "MagnitudeScore",
@@ -38,15 +64,26 @@ __all__ = [
     "RandomScore",
     "Schedule",
     "Score",
+    "TaylorScore",
     "SparsitySummary",
     "allocation",
+    "channel_groups",
+    "channels",
+    "check_widths",
+    "count_flops",
+    "count_params",
+    "estimators",
+    "evaluate",
+    "export_tflite",
     "get_prunable_weights",
     "is_prunable",
     "masks",
+    "plot_information_plane",
     "prune",
     "register_prunable",
     "schedules",
     "scores",
+    "shrink",
     "sparsity",
     "sparsity_summary",
     "stats",

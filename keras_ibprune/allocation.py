@@ -8,8 +8,8 @@ tensors is the target (up to rounding and the per-tensor density floor `min_dens
 - ``"global"``: one score threshold across all tensors (needs comparable scores).
 - ``"erk"``: Erdős–Rényi-Kernel densities (Evci et al., 2020), `d_l ∝ Σ shape / Π shape`,
   so small layers stay denser.
-- ``"ib"`` (registered by `keras_ibprune.scores`): a global threshold on scores measured in
-  nats of label information, i.e. water-filling the information lost.
+- ``"ib"``: a global threshold on scores measured in nats of label information (the
+  `IBScore`), i.e. water-filling the information lost, with ERK-based per-tensor floors.
 
 A callable `f(scores, sparsity, min_density=...) -> list[float]` is accepted too.
 """
@@ -110,9 +110,74 @@ def global_threshold(scores, sparsity, min_density=0.0):
     return [float(c / s) if s else 0.0 for c, s in zip(counts, sizes)]
 
 
+def thresholds_with_floors(scores, sparsity, floors):
+    """Global threshold (water-filling) with a per-tensor density floor `floors[l]`.
+
+    Finds the largest set of lowest scores to remove, `round(sparsity · N)` in total,
+    such that tensor `l` keeps at least `floors[l]` of its entries; tensors that hit their
+    floor are frozen there and the threshold is re-solved on the others.
+    """
+    sizes = _sizes(scores)
+    floors = np.clip(np.asarray(floors, dtype=np.float64), 0.0, 1.0)
+    cap = np.floor((1.0 - floors) * sizes)
+    total = int(round(sparsity * sizes.sum()))
+    flat = [np.where(np.isfinite(np.ravel(s)), np.ravel(s), -np.inf) for s in scores]
+    # Entries already pruned (-inf) must stay counted even above the floor.
+    cap = np.maximum(cap, [np.sum(~np.isfinite(f)) for f in flat])
+    frozen = np.zeros(len(scores), dtype=bool)
+    counts = np.zeros(len(scores))
+    for _ in range(len(scores) + 1):
+        budget = total - counts[frozen].sum()
+        live = [i for i in range(len(scores)) if not frozen[i]]
+        if not live or budget <= 0:
+            counts[~frozen] = 0
+            break
+        allv = np.concatenate([flat[i] for i in live])
+        k = int(min(budget, allv.size))
+        kth = np.partition(allv, k - 1)[k - 1] if k > 0 else -np.inf
+        below = [np.sum(flat[i] < kth) for i in live]
+        ties = [np.sum(flat[i] == kth) for i in live]
+        extra = k - sum(below)
+        for j, i in enumerate(live):  # ties: earlier tensors first (deterministic)
+            take = min(ties[j], max(extra, 0))
+            counts[i] = below[j] + take
+            extra -= take
+        over = [i for i in live if counts[i] > cap[i]]
+        if not over:
+            break
+        for i in over:
+            counts[i] = cap[i]
+            frozen[i] = True
+    return [float(c / s) if s else 0.0 for c, s in zip(counts, sizes)]
+
+
+def ib(scores, sparsity, min_density=0.0, erk_floor=0.5, max_density=None):
+    """Information water-filling: one threshold on scores measured in nats.
+
+    With scores ``ΔI_w`` = estimated label information lost (nats) when weight ``w`` is
+    removed (`keras_ibprune.scores.IBScore`), removing the globally cheapest weights
+    solves ``min Σ_l ΔI_l`` s.t. the total number of kept weights — the Lagrangian
+    (water-filling) allocation: every layer is pruned down to the same marginal cost in
+    nats per weight. Each tensor keeps at least ``max(min_density, erk_floor · d_erk)``,
+    where ``d_erk`` is its ERK density at this sparsity (tiny layers are never emptied).
+
+    Args:
+        scores: per-tensor score arrays (nats; -inf = already pruned).
+        sparsity: model-wide target.
+        min_density: absolute per-tensor floor.
+        erk_floor: fraction of the ERK density used as a floor (0 disables).
+        max_density: unused; reserved.
+    """
+    _check(sparsity, min_density)
+    dens_erk = 1.0 - np.asarray(erk(scores, sparsity))
+    floors = np.maximum(min_density, float(erk_floor) * dens_erk)
+    return thresholds_with_floors(scores, sparsity, floors)
+
+
 register_allocation("uniform", uniform)
 register_allocation("erk", erk)
 register_allocation("global", global_threshold)
+register_allocation("ib", ib)
 
 ALLOCATIONS = ("uniform", "global", "erk", "ib")
 

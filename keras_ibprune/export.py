@@ -302,6 +302,9 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
                 _convert(model, shape, False, quantize, representative, io_dtype))
             report.dense_float_bytes = report.dense_bytes if quantize is None else len(
                 _convert(model, shape, False, None, None, "float32"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -38,6 +38,8 @@ def _clone(model, fn):
     pairs = []
 
     def clone_fn(layer):
+        if not isinstance(layer, keras.layers.Layer):
+            return layer  # a stateless `keras.ops` operation used on symbolic tensors
         new = fn(layer)
         pairs.append((layer, new))
         return new

@@ -1,14 +1,23 @@
-"""Statistics for scores: weights, masks, and activations captured on a held-out batch.
+"""Statistics for scores: held-out data, and activations captured on it in one pass.
 
-`collect` runs the model once over the held-out samples (eagerly, in batches) with every
-`PruneWrapper` in capture mode, recording each wrapped layer's input, pre-activation
-output and output. Scores receive one `LayerStats` per wrapper.
+- `held_out_arrays` turns `(x, y)` arrays, a `tf.data.Dataset` or a Python generator into
+  validated numpy arrays (at most `size` samples; an infinite dataset is capped).
+- `collect` runs the model once over the held-out samples (eagerly, in batches) with every
+  `PruneWrapper` in capture mode and builds one `LayerStats` per wrapper. Scores that set
+  `needs_summaries` get compact per-layer summaries (`summarize`) instead of full
+  activations, so memory stays bounded by held-out size × widest layer.
+
+Conv layers: outputs are summarized per channel, with a fixed random subset of output
+positions per sample used as extra samples (and their per-sample spatial mean); inputs as
+the patches (`kh·kw·c_in` features) feeding those positions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -27,6 +36,7 @@ class LayerStats:
         labels: held-out labels `(n,)` int or `(n, k)` float, or None.
         grads: gradients of the loss w.r.t. each prunable weight, or None.
         index: position of the wrapper in the model's wrapper list.
+        extra: more statistics; `extra["summary"]` holds the `summarize` dict.
     """
 
     wrapper: object
@@ -57,51 +67,192 @@ def _np(x):
     return None if x is None else np.asarray(ops.convert_to_numpy(x))
 
 
+def _run_captured(model, x, wrappers, batch_size, on_batch):
+    records = {id(w): [] for w in wrappers}
+    try:
+        for w in wrappers:
+            w._capture = records[id(w)]
+        n = len(x) if not isinstance(x, (list, tuple, dict)) else None
+        starts = [0] if n is None else range(0, n, batch_size)
+        for b, i in enumerate(starts):
+            model(x if n is None else x[i : i + batch_size], training=False)
+            for w in wrappers:
+                rec = records[id(w)]
+                on_batch(w, b, i, [tuple(_np(p) for p in r) for r in rec])
+                del rec[:]
+    finally:
+        for w in wrappers:
+            w._capture = None
+
+
 def capture(model, x, wrappers, batch_size=256):
     """Runs `model` on `x` once and returns, per wrapper, `(inputs, preacts, outputs)`.
 
     Reused layers (called more than once per forward pass) contribute every call,
     concatenated along the sample axis.
     """
-    records = {id(w): [] for w in wrappers}
-    try:
-        for w in wrappers:
-            w._capture = records[id(w)]
-        n = len(x) if not isinstance(x, (list, tuple, dict)) else None
-        if n is None:
-            model(x, training=False)
-        else:
-            for i in range(0, n, batch_size):
-                model(x[i : i + batch_size], training=False)
-    finally:
-        for w in wrappers:
-            w._capture = None
+    parts = {id(w): [] for w in wrappers}
+    _run_captured(model, x, wrappers, batch_size, lambda w, b, i, rec: parts[id(w)].extend(rec))
     out = []
     for w in wrappers:
-        rec = records[id(w)]
+        rec = parts[id(w)]
         if not rec:
             out.append((None, None, None))
             continue
-        parts = list(zip(*rec))
-        out.append(tuple(np.concatenate([_np(p) for p in col], axis=0) for col in parts))
+        out.append(tuple(np.concatenate(col, axis=0) for col in zip(*rec)))
     return out
 
 
-def collect(model, wrappers, held_out=None, activations=False, gradients=False, loss=None):
+# ----------------------------------------------------------------- summaries
+def _kind(layer):
+    L = keras.layers
+    if isinstance(layer, L.Dense):
+        return "dense"
+    plain = (L.Conv1D, L.Conv2D)
+    skip = (L.Conv1DTranspose, L.Conv2DTranspose, L.DepthwiseConv1D, L.DepthwiseConv2D,
+            L.SeparableConv1D, L.SeparableConv2D)
+    if isinstance(layer, plain) and not isinstance(layer, skip):
+        if getattr(layer, "data_format", "channels_last") == "channels_last" and getattr(
+            layer, "groups", 1
+        ) == 1:
+            return "conv"
+    return "other"
+
+
+def _conv_patches(x, layer, out_hw, sample_idx, pos_idx):
+    """Input patches `(m, kh*kw*c)` of a channels_last Conv1D/2D at given output positions."""
+    if x.ndim == 3:  # Conv1D -> 2-D with height 1
+        x = x[:, None]
+    k = tuple(layer.kernel_size) if layer.rank == 2 else (1, layer.kernel_size[0])
+    s = tuple(layer.strides) if layer.rank == 2 else (1, layer.strides[0])
+    d = tuple(layer.dilation_rate) if layer.rank == 2 else (1, layer.dilation_rate[0])
+    ho, wo = out_hw
+    pads = []
+    for size, kk, ss, dd, o in zip(x.shape[1:3], k, s, d, (ho, wo)):
+        need = max((o - 1) * ss + (kk - 1) * dd + 1 - size, 0)
+        if layer.padding == "valid":
+            need = 0
+        before = need if layer.padding == "causal" else need // 2
+        pads.append((before, need - before))
+    xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    oh, ow = pos_idx // wo, pos_idx % wo
+    rows = oh[:, None] * s[0] + np.arange(k[0])[None] * d[0]
+    cols = ow[:, None] * s[1] + np.arange(k[1])[None] * d[1]
+    p = xp[sample_idx[:, None, None], rows[:, :, None], cols[:, None, :], :]
+    return p.reshape(len(sample_idx), -1)
+
+
+class _Summary:
+    """Accumulates one wrapper's compact statistics over batches."""
+
+    def __init__(self, wrapper, index, n, max_rows, seed):
+        self.w, self.index, self.n = wrapper, index, max(n, 1)
+        self.kind = _kind(wrapper.layer)
+        self.max_rows, self.seed = max_rows, seed
+        self.z, self.t, self.tm, self.rows = [], [], [], []
+        self.x2 = None
+        self.positions = 1
+        self.count = 0
+
+    def add(self, b, start, rec):
+        for call, (inp, pre, out) in enumerate(rec):
+            self._add(b, start, call, inp, pre, out)
+
+    def _add(self, b, start, call, inp, pre, out):
+        bsz = pre.shape[0]
+        d = pre.shape[-1]
+        pos = int(np.prod(pre.shape[1:-1])) if pre.ndim > 2 else 1
+        per = max(1, min(pos, -(-self.max_rows // self.n)))
+        rng = np.random.default_rng([self.seed, self.index, b, call])
+        sidx = np.repeat(np.arange(bsz), per)
+        pidx = rng.integers(0, pos, size=bsz * per) if per < pos else np.tile(np.arange(pos), bsz)
+        z = pre.reshape(bsz, pos, d)[sidx, pidx].astype(np.float32)
+        t = out.reshape(bsz, pos, d)[sidx, pidx].astype(np.float32)
+        tm = out.reshape(bsz, pos, d).mean(axis=1)
+        # A NaN/inf anywhere in a map reaches its spatial mean: checking the mean is enough.
+        for arr, what in ((z, "pre-activation"), (tm, "output")):
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(
+                    f"Layer '{self.w.layer.name}' produced NaN or inf {what}s on the held-out "
+                    "data (the model may have diverged; lower the learning rate). Received: "
+                    f"{what}s of shape {pre.shape}"
+                )
+        self.z.append(z)
+        self.t.append(t)
+        self.tm.append(tm)
+        self.rows.append(start + sidx)
+        self.positions = pos
+        if self.kind == "other" or inp is None:
+            return
+        if self.kind == "conv":
+            x = _conv_patches(inp, self.w.layer, pre.shape[1:-1] if pre.ndim == 4
+                              else (1, pre.shape[1]), sidx, pidx)
+        else:
+            x = inp.reshape(bsz, pos, -1)[sidx, pidx]
+        sx2 = np.square(x, dtype=np.float64).sum(axis=0)
+        self.x2 = sx2 if self.x2 is None else self.x2 + sx2
+        self.count += len(x)
+
+    def result(self, labels):
+        if not self.z:
+            return None
+        rows = np.concatenate(self.rows)
+        out = {
+            "kind": self.kind,
+            "positions": self.positions,
+            "z": np.concatenate(self.z),
+            "t": np.concatenate(self.t),
+            "t_mean": np.concatenate(self.tm),
+            "rows": rows,
+            "labels": None if labels is None else labels[rows % len(labels)],
+            "sample_labels": labels,
+        }
+        if self.x2 is not None:
+            c = max(self.count, 1)
+            kshape = tuple(self.w.prunable_weights[0].shape)
+            out["x2"] = (self.x2 / c).reshape(kshape[:-1])
+        return out
+
+
+def summarize(model, x, y, wrappers, batch_size=256, max_rows=8192, seed=0):
+    """One forward pass over `x`; returns a compact summary dict per wrapper.
+
+    Keys: `kind` ("dense", "conv" or "other"); `z`/`t`: `(m, units)` pre-activations /
+    outputs at up to `max_rows` rows (samples × sampled positions, a fixed random
+    subset for a fixed `seed`); `t_mean`: `(n, units)` per-sample spatial mean output;
+    `labels`: the label of each row; for Dense/Conv `x2 = E[x_i²]` over input features in
+    the kernel's layout; `positions`: output positions per sample (1 for Dense).
+    """
+    n = len(x) if not isinstance(x, (list, tuple, dict)) else len(_first(x))
+    acc = {id(w): _Summary(w, i, n, max_rows, seed) for i, w in enumerate(wrappers)}
+    _run_captured(model, x, wrappers, batch_size, lambda w, b, i, rec: acc[id(w)].add(b, i, rec))
+    return [acc[id(w)].result(y) for w in wrappers]
+
+
+def _first(x):
+    return next(iter(x.values())) if isinstance(x, dict) else x[0]
+
+
+def collect(model, wrappers, held_out=None, activations=False, gradients=False, loss=None,
+            summaries=False, max_rows=8192, seed=0):
     """Builds one `LayerStats` per wrapper.
 
     Args:
         model: the (wrapped) model.
         wrappers: the `PruneWrapper`s to describe.
         held_out: `(x, y)` numpy arrays or None.
-        activations: capture inputs/pre-activations/outputs on `held_out[0]`.
+        activations: capture full inputs/pre-activations/outputs on `held_out[0]`.
         gradients: compute loss gradients w.r.t. prunable weights on `held_out`.
         loss: a Keras loss (needed with `gradients=True`).
+        summaries: put `summarize` dicts in `LayerStats.extra["summary"]` (one pass).
+        max_rows: rows per layer kept by `summarize`.
+        seed: seed of the position subsample.
     """
     x, y = (held_out if held_out is not None else (None, None))
-    acts = (
-        capture(model, x, wrappers) if activations and x is not None else [(None,) * 3] * len(wrappers)
-    )
+    none = [(None,) * 3] * len(wrappers)
+    acts = capture(model, x, wrappers) if activations and x is not None else none
+    summ = (summarize(model, x, y, wrappers, max_rows=max_rows, seed=seed)
+            if summaries and x is not None else [None] * len(wrappers))
     grads = _gradients(model, x, y, wrappers, loss) if gradients and x is not None else None
     stats = []
     for i, w in enumerate(wrappers):
@@ -117,6 +268,7 @@ def collect(model, wrappers, held_out=None, activations=False, gradients=False, 
                 labels=None if y is None else np.asarray(y),
                 grads=None if grads is None else grads[i],
                 index=i,
+                extra={"summary": summ[i]},
             )
         )
     return stats
@@ -124,8 +276,6 @@ def collect(model, wrappers, held_out=None, activations=False, gradients=False, 
 
 def _gradients(model, x, y, wrappers, loss, batch_size=256):
     """Sum over batches of d loss / d w for each prunable weight (TensorFlow backend)."""
-    import keras
-
     if keras.backend.backend() != "tensorflow":
         raise NotImplementedError(
             "Gradient-based scores currently need the TensorFlow backend. Received: "
@@ -134,7 +284,11 @@ def _gradients(model, x, y, wrappers, loss, batch_size=256):
     import tensorflow as tf  # lazily: only for gradient scores on the TF backend
 
     if loss is None:
-        raise ValueError("Gradient-based scores need a compiled model (a loss). Received: loss=None")
+        raise ValueError(
+            "Gradient-based scores need a compiled model (a loss). Received: loss=None"
+        )
+    if y is None:
+        raise ValueError("Gradient-based scores need held-out labels. Received: y=None")
     variables = [v for w in wrappers for v in w.prunable_weights]
     total = [np.zeros(tuple(v.shape), np.float64) for v in variables]
     for i in range(0, len(x), batch_size):
@@ -154,22 +308,220 @@ def _gradients(model, x, y, wrappers, loss, batch_size=256):
     return out
 
 
-def as_arrays(held_out, size=1024, model=None):
-    """Returns `(x, y)` numpy arrays (at most `size` samples) from `held_out`.
+def blas_threads(n=1):
+    """Context limiting BLAS threads (threadpoolctl, a scikit-learn dependency) to `n`.
 
-    Accepts `(x, y)`, `(x, None)` or `x` arrays.
+    The IB statistics are many small factorizations; with TensorFlow's thread pool busy
+    on the same cores, multi-threaded BLAS is several times slower than one thread.
     """
-    if isinstance(held_out, (tuple, list)) and len(held_out) == 2:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
+
+
+# ------------------------------------------------------------------ held-out data
+def _is_tf_dataset(obj):
+    mod = type(obj).__module__ or ""
+    if not mod.startswith("tensorflow"):
+        return False
+    import tensorflow as tf  # lazily, only when the object comes from TensorFlow
+
+    return isinstance(obj, tf.data.Dataset)
+
+
+def _split(element):
+    if isinstance(element, dict):
+        return element, None
+    if isinstance(element, (tuple, list)):
+        if len(element) == 1:
+            return element[0], None
+        return element[0], element[1]
+    return element, None
+
+
+def _input_ndim(model):
+    try:
+        shape = model.input_shape
+    except (AttributeError, ValueError):
+        return None
+    return len(shape) if isinstance(shape, tuple) and all(
+        s is None or isinstance(s, int) for s in shape
+    ) else None
+
+
+def _take(iterable, size, model):
+    ndim = _input_ndim(model) if model is not None else None
+    xs, ys, n = [], [], 0
+    for k, element in enumerate(iterable):
+        x, y = _split(element)
+        x = np.asarray(ops.convert_to_numpy(x))
+        y = None if y is None else _pick_y(y, None, allow_multi=True)
+        if ndim is not None and x.ndim == ndim - 1:  # unbatched elements
+            x = x[None]
+            y = None if y is None else np.asarray(y)[None]
+        xs.append(x)
+        ys.append(y)
+        n += len(x)
+        if n >= size or k >= size:  # capped: an infinite dataset stops here
+            break
+    if not xs:
+        raise ValueError("The held-out dataset/generator is empty. Received: 0 samples")
+    x = np.concatenate(xs)
+    y = None if any(v is None for v in ys) else _concat_y(ys)
+    return x, y
+
+
+def _concat_y(ys):
+    if isinstance(ys[0], (list, tuple)):
+        return [np.concatenate([np.asarray(v[i]) for v in ys]) for i in range(len(ys[0]))]
+    if isinstance(ys[0], dict):
+        return {k: np.concatenate([np.asarray(v[k]) for v in ys]) for k in ys[0]}
+    return np.concatenate([np.asarray(ops.convert_to_numpy(v)) for v in ys])
+
+
+def _pick_y(y, output, allow_multi=False):
+    """Selects the target of output `output` (index or name) from multi-output targets."""
+    if isinstance(y, dict):
+        if output is None:
+            if allow_multi:
+                return {k: np.asarray(ops.convert_to_numpy(v)) for k, v in y.items()}
+            raise ValueError(
+                "Held-out targets are a dict (multi-output model): pass `output=` with the "
+                f"name of the output to prune for. Received: keys={sorted(y)}"
+            )
+        if output not in y:
+            raise ValueError(f"`output` not among the targets. Received: output={output!r}, "
+                             f"keys={sorted(y)}")
+        return np.asarray(y[output])
+    if isinstance(y, (list, tuple)):
+        if output is None:
+            if allow_multi:
+                return [np.asarray(ops.convert_to_numpy(v)) for v in y]
+            raise ValueError(
+                "Held-out targets are a list (multi-output model): pass `output=` with the "
+                f"index of the output to prune for. Received: {len(y)} targets"
+            )
+        return np.asarray(y[int(output)])
+    return np.asarray(ops.convert_to_numpy(y))
+
+
+def held_out_arrays(held_out, size=1024, model=None, output=None):
+    """Returns validated `(x, y)` numpy arrays with at most `size` samples.
+
+    Args:
+        held_out: `(x, y)`, `(x, None)` or `x` arrays; a `tf.data.Dataset` or a Python
+            generator/iterator yielding `(x, y)` or `x` (batched or not). Iteration stops
+            after `size` samples, so an infinite dataset is fine.
+        size: maximum number of samples (the first ones; the same at every update).
+        model: optional model; the input shape is checked against it.
+        output: for multi-output targets, the index or name of the output to use.
+
+    Raises:
+        ValueError: NaN/inf values (naming `x` or `y`), x/y length mismatch, an empty
+            dataset, or an input shape that does not fit the model.
+    """
+    size = int(size)
+    if size < 2:
+        raise ValueError(f"`held_out_size` must be >= 2. Received: held_out_size={size}")
+    if _is_tf_dataset(held_out) or inspect.isgenerator(held_out) or (
+        hasattr(held_out, "__next__") and not isinstance(held_out, np.ndarray)
+    ):
+        x, y = _take(held_out, size, model)
+    elif isinstance(held_out, (tuple, list)) and len(held_out) == 2:
         x, y = held_out
     else:
         x, y = held_out, None
-    x = np.asarray(x)
+    if isinstance(x, (list, tuple, dict)):
+        raise ValueError("keras_ibprune needs single-input models for held-out statistics. "
+                         f"Received: x of type {type(x).__name__}")
+    x = np.asarray(ops.convert_to_numpy(x))
     if y is not None:
-        y = np.asarray(y)
+        y = _pick_y(y, output)
         if len(y) != len(x):
             raise ValueError(
                 "Held-out x and y must have the same number of samples. Received: "
                 f"len(x)={len(x)}, len(y)={len(y)}"
             )
         y = y[:size]
-    return x[:size], y
+    x = x[:size]
+    for arr, name in ((x, "x"), (y, "y")):
+        if arr is not None and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            bad = int(np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)))[0, 0])
+            raise ValueError(
+                f"Held-out {name} contains NaN or inf values (first at sample {bad}); clean "
+                f"the held-out data. Received: {name} of shape {arr.shape}"
+            )
+    if model is not None:
+        check_input_fits(model, x)
+    return x, y
+
+
+def check_input_fits(model, x):
+    """Raises a ValueError when held-out `x` does not fit the model's input shape."""
+    try:
+        shape = model.input_shape
+    except (AttributeError, ValueError):
+        shape = None
+    if isinstance(shape, tuple) and all(s is None or isinstance(s, int) for s in shape):
+        ok = len(shape) == x.ndim and all(
+            s is None or s == d for s, d in zip(shape[1:], x.shape[1:])
+        )
+        if not ok:
+            raise ValueError(
+                f"Held-out x does not fit the input of model '{model.name}' (expected "
+                f"{shape}). Received: x of shape {x.shape}"
+            )
+        return
+    try:
+        model(x[:1], training=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with the shapes named
+        raise ValueError(
+            f"Held-out x does not fit model '{model.name}' ({type(e).__name__}: "
+            f"{str(e)[:200]}). Received: x of shape {x.shape}"
+        ) from e
+
+
+def check_labels(y, min_count=2):
+    """Validates class labels for class-conditional estimators.
+
+    Args:
+        y: labels (see `estimators.label_kind`); continuous targets are not checked.
+        min_count: samples needed of every class present.
+
+    Raises:
+        ValueError: a single class (suggesting label-free mode, `y=None`), or a class with
+            fewer than 2 samples (its within-class variance is undefined).
+    """
+    from keras_ibprune.estimators import label_kind
+
+    kind, lab = label_kind(y)
+    if kind != "classes":
+        return
+    classes, counts = np.unique(lab, return_counts=True)
+    if len(classes) < 2:
+        raise ValueError(
+            "Held-out y holds a single class, so it carries no label information to "
+            "estimate. Pass more varied held-out data, or use label-free mode "
+            "(`held_out=(x, None)`: the dense model's own predictions become the labels). "
+            f"Received: y with the single class {classes.tolist()}"
+        )
+    rare = classes[counts < min_count]
+    if len(rare):
+        raise ValueError(
+            "Every class present in held-out y needs at least 2 samples (within-class "
+            "statistics). Pass more held-out samples (`held_out_size`) or drop the classes. "
+            f"Received: classes {rare.tolist()} with 1 sample"
+        )
+
+
+def as_arrays(held_out, size=1024, model=None):
+    """Returns `(x, y)` numpy arrays (at most `size` samples) from `held_out`.
+
+    Accepts `(x, y)`, `(x, None)` or `x` arrays, a `tf.data.Dataset` or a generator
+    (see `held_out_arrays`).
+    """
+    return held_out_arrays(held_out, size, model)

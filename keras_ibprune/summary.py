@@ -29,7 +29,8 @@ def _rows(model):
                 units = (int(um.sum()), int(um.size))
         elif registry.is_prunable(layer) and layer.built and not hasattr(layer, "layers"):
             try:
-                values = [ops.convert_to_numpy(v.value) for v in registry.get_prunable_weights(layer)]
+                weights = registry.get_prunable_weights(layer)
+                values = [ops.convert_to_numpy(v.value) for v in weights]
             except (AttributeError, ValueError):
                 continue
             inner, units = layer, None
@@ -116,3 +117,65 @@ def sparsity_summary(model):
 def sparsity(model) -> float:
     """Overall fraction of zero prunable weights (masks applied for wrapped layers)."""
     return sparsity_summary(model).sparsity
+
+
+def plot_information_plane(history, layers=None, ax=None):
+    """Draws each layer's path in the information plane `(I(X;T), I(T;Y))` over epochs.
+
+    Reads the `I_XT/<layer>` and `I_TY/<layer>` entries that `IBPruning` with an IB score
+    writes into the epoch logs (Shwartz-Ziv & Tishby, 2017). Needs matplotlib (an
+    optional dependency).
+
+    Args:
+        history: the `keras.callbacks.History` returned by `fit`, or its `.history` dict.
+        layers: optional layer names to draw (default: every layer found in the logs).
+        ax: optional matplotlib axes to draw on.
+
+    Returns:
+        The matplotlib axes.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        ValueError: the history holds no information-plane entries.
+
+    Example:
+
+    ```python
+    history = pruned.fit(x, y, epochs=6, callbacks=[kib.IBPruning(sched, held_out=(xv, yv))])
+    kib.plot_information_plane(history).figure.savefig("ip.png")
+    ```
+    """
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "plot_information_plane needs matplotlib: `pip install matplotlib`."
+        ) from e
+    logs = getattr(history, "history", history)
+    if not isinstance(logs, dict):
+        raise ValueError(
+            "Expected a keras History or its `.history` dict. Received: "
+            f"history of type {type(history).__name__}"
+        )
+    names = [k[len("I_XT/"):] for k in logs if k.startswith("I_XT/") and f"I_TY/{k[5:]}" in logs]
+    if layers is not None:
+        names = [n for n in names if n in set(layers)]
+    if not names:
+        raise ValueError(
+            "No information-plane entries (I_XT/<layer>, I_TY/<layer>) in the history: "
+            "train with IBPruning using an IB score and held-out data. Received: keys "
+            f"{sorted(logs)[:10]}"
+        )
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 4))
+    for name in names:
+        xs = np.asarray(logs[f"I_XT/{name}"], dtype=float)
+        ys = np.asarray(logs[f"I_TY/{name}"], dtype=float)
+        (line,) = ax.plot(xs, ys, "-", label=name, alpha=0.8)
+        ax.scatter(xs, ys, c=np.arange(len(xs)), cmap="viridis", s=18, zorder=3)
+        ax.annotate("start", (xs[0], ys[0]), fontsize=7, color=line.get_color())
+    ax.set_xlabel("I(X;T) [nats]")
+    ax.set_ylabel("I(T;Y) [nats]")
+    ax.set_title("Information plane (colour: epoch)")
+    ax.legend(fontsize=8)
+    return ax

@@ -156,3 +156,18 @@ def test_subclassed_model_gets_guidance():
     net(np.zeros((1, 3)))
     with pytest.raises(ValueError, match="PruneWrapper"):
         kib.prune(net)
+
+
+def test_functional_model_with_keras_ops_on_symbolic_tensors():
+    inp = keras.Input((4,))
+    a = keras.layers.Dense(3, name="a")(inp)
+    b = keras.layers.Dense(3, name="b")(inp)
+    model = keras.Model(inp, keras.layers.Dense(2, name="c")(a + b * 2.0))
+    pruned = kib.prune(model)
+    assert sorted(w.layer.name for w in _wrappers(pruned)) == ["a", "b", "c"]
+    randomize_masks(pruned)
+    x = np.random.default_rng(0).random((3, 4)).astype("float32")
+    stripped = kib.strip_pruning(pruned)
+    np.testing.assert_allclose(
+        stripped.predict(x, verbose=0), pruned.predict(x, verbose=0), atol=1e-6
+    )

@@ -1,0 +1,181 @@
+"""The examples run as scripts (quick mode here, defaults with -m slow) and print what they claim.
+
+Also checks the docs: every relative link in README.md and docs/*.md resolves, and the API
+reference names every public symbol of `keras_ibprune`.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def run_example(name, *args, quick=True, timeout=600, tmp_path=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KIB_QUICK="1" if quick else "0")
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path or ROOT,
+    )
+    assert out.returncode == 0, f"{name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    return out.stdout
+
+
+def total_sparsity(stdout):
+    """The overall sparsity of the last printed `kib.sparsity_summary` table."""
+    totals = [ln for ln in stdout.splitlines() if ln.startswith("total ")]
+    assert totals, stdout
+    return float(totals[-1].split()[-1].rstrip("%")) / 100
+
+
+def table_row(stdout, key):
+    rows = [ln for ln in stdout.splitlines() if ln.startswith(key)]
+    assert rows, f"no row {key!r} in:\n{stdout}"
+    return [float(v.replace(",", "")) for v in rows[-1][len(key):].split()]
+
+
+def check_mnist_cnn(out):
+    assert "data: MNIST" in out or "scikit-learn digits" in out
+    assert total_sparsity(out) == pytest.approx(0.9, abs=1e-3)
+    dense_nz, pruned_nz = table_row(out, "nonzero params")
+    assert pruned_nz < 0.2 * dense_nz
+    for key in ("accuracy", "precision", "recall", "f1"):
+        assert 0.0 <= table_row(out, key)[1] <= 1.0
+    dense_tfl, pruned_tfl = table_row(out, ".tflite bytes")
+    assert pruned_tfl < 0.5 * dense_tfl
+    assert table_row(out, "int8 .tflite bytes")[1] < dense_tfl
+
+
+def check_text_classification(out):
+    assert "GENERATED sentiment task" in out  # labelled as synthetic
+    rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if "%" in ln}
+    pruned = ("attention", "ff_in", "ff_out")
+    # The IB allocation splits the 80 % budget unevenly across the pruned layers.
+    weights = sum(int(rows[layer][-3]) for layer in pruned)
+    nonzero = sum(int(rows[layer][-2]) for layer in pruned)
+    assert 1 - nonzero / weights == pytest.approx(0.8, abs=2e-3)
+    assert all(float(rows[layer][-1].rstrip("%")) > 50 for layer in pruned)
+    for layer in ("token_embedding", "logits"):
+        assert rows[layer][-1] == "0.00%"
+    assert "top-1 agreement with Keras" in out
+
+
+def check_custom_training_loop(out):
+    assert "(masks updated)" in out
+    assert total_sparsity(out) == pytest.approx(0.85, abs=1e-3)
+    assert "I_TY/fc" in out
+
+
+def check_subclassed_model(out):
+    assert total_sparsity(out) == pytest.approx(0.9, abs=1e-3)
+    assert "agreement 1.0000" in out
+
+
+def check_structured_shrink(out):
+    diff = float(re.search(r"max \|shrunk - masked\| = (\S+)", out).group(1))
+    assert diff < 1e-4
+    dense_p, shrunk_p = table_row(out, "parameters")
+    assert shrunk_p < 0.6 * dense_p
+    dense_f, shrunk_f = table_row(out, "FLOPs")
+    assert shrunk_f < dense_f
+
+
+def check_pretrained_finetune(out):
+    assert "pretrained model" in out
+    for score in ("magnitude", "ib"):
+        row = [ln for ln in out.splitlines() if ln.startswith(f"{score} ")][-1].split()
+        assert row[-1] == "80.00%"
+    assert total_sparsity(out) == pytest.approx(0.8, abs=1e-3)
+
+
+CHECKS = {
+    "mnist_cnn": check_mnist_cnn,
+    "text_classification": check_text_classification,
+    "custom_training_loop": check_custom_training_loop,
+    "subclassed_model": check_subclassed_model,
+    "structured_shrink": check_structured_shrink,
+    "pretrained_finetune": check_pretrained_finetune,
+}
+
+
+def test_every_example_is_tested():
+    assert {p.stem for p in EXAMPLES.glob("*.py")} == set(CHECKS)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_example_quick(name, tmp_path):
+    CHECKS[name](run_example(name, tmp_path=tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_example_defaults(name, tmp_path):
+    CHECKS[name](run_example(name, quick=False, tmp_path=tmp_path))
+
+
+@pytest.mark.slow
+def test_text_example_with_magnitude_scores(tmp_path):
+    check_text_classification(run_example("text_classification", "--score", "magnitude",
+                                          tmp_path=tmp_path))
+
+
+@pytest.mark.slow
+def test_mnist_example_falls_back_to_digits(tmp_path):
+    out = run_example("mnist_cnn", "--data-dir", str(tmp_path / "nothing"), tmp_path=tmp_path)
+    assert "scikit-learn digits (MNIST IDX files not found)" in out
+    check_mnist_cnn(out)
+
+
+def test_text_example_reads_a_tsv_corpus(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import text_classification as tc
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    path = tmp_path / "corpus.tsv"
+    path.write_text("pos\tgood film\nneg\tbad film\n\npos\tlovely\n", encoding="utf-8")
+    texts, labels = tc.read_corpus(path)
+    assert texts == ["good film", "bad film", "lovely"] and labels.tolist() == [1, 0, 1]
+    path.write_text("no tab here\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="label<TAB>text.*line 1"):
+        tc.read_corpus(path)
+    texts, labels = tc.generated_corpus(200)
+    assert len(texts) == 200 and set(labels.tolist()) == {0, 1}
+
+
+# ------------------------------------------------------------------------------ docs
+def _links(path):
+    text = path.read_text(encoding="utf-8")
+    return [m for m in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text)
+            if not re.match(r"[a-z]+:", m)]
+
+
+def test_docs_links_resolve():
+    readme = ROOT / "README.md"
+    missing = []
+    for doc in [readme, *sorted((ROOT / "docs").glob("*.md"))]:
+        for link in _links(doc):
+            target = (doc.parent / link).resolve()
+            if not target.exists() and link not in ("BENCHMARKS.md", "docs/architecture.md"):
+                missing.append(f"{doc.name}: {link}")  # (those two are the lead's)
+    assert not missing, missing
+
+
+def test_readme_links_the_docs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in ("concepts", "guides", "migration_from_tfmot", "api", "faq", "cli"):
+        assert f"docs/{name}.md" in readme, name
+
+
+def test_api_reference_covers_the_public_api():
+    import keras_ibprune as kib
+
+    api = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    missing = [n for n in kib.__all__ if n != "__version__" and f"`{n}" not in api
+               and f"kib.{n}" not in api]
+    assert not missing, missing
