@@ -12,6 +12,8 @@ with the reason stored at the union-find root.
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 from keras import ops
@@ -22,6 +24,12 @@ CONV_T = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
 SEP = (L.SeparableConv1D, L.SeparableConv2D)
 DW = (L.DepthwiseConv1D, L.DepthwiseConv2D)
 PRODUCERS = (L.Dense, *CONV, *CONV_T, *SEP)
+POOLING = tuple(
+    getattr(L, f"{kind}Pooling{d}D") for kind in ("Max", "Average") for d in (1, 2, 3)
+)
+GLOBAL_POOLING = tuple(
+    getattr(L, f"Global{kind}Pooling{d}D") for kind in ("Average", "Max") for d in (1, 2, 3)
+)
 IDENTITY = (
     L.Dropout,
     L.SpatialDropout1D,
@@ -38,18 +46,8 @@ IDENTITY = (
     L.UpSampling1D,
     L.UpSampling2D,
     L.UpSampling3D,
-    L.MaxPooling1D,
-    L.MaxPooling2D,
-    L.MaxPooling3D,
-    L.AveragePooling1D,
-    L.AveragePooling2D,
-    L.AveragePooling3D,
-    L.GlobalAveragePooling1D,
-    L.GlobalAveragePooling2D,
-    L.GlobalAveragePooling3D,
-    L.GlobalMaxPooling1D,
-    L.GlobalMaxPooling2D,
-    L.GlobalMaxPooling3D,
+    *POOLING,
+    *GLOBAL_POOLING,
     L.RepeatVector,
 )
 PADDING = (L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D)
@@ -461,6 +459,8 @@ def _dead_rule(rec, ins):
 def _apply(fn, values):
     nan = np.isnan(values)
     x = np.where(nan, 0.0, values).astype("float32")[None]
-    out = _np(fn(ops.convert_to_tensor(x)))[0]
+    with warnings.catch_warnings():  # e.g. softmax over a 1-channel probe: expected here
+        warnings.simplefilter("ignore", UserWarning)
+        out = _np(fn(ops.convert_to_tensor(x)))[0]
     out[nan] = np.nan
     return out

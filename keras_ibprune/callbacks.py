@@ -17,6 +17,7 @@ from keras import ops
 
 from keras_ibprune import allocation as allocation_lib
 from keras_ibprune import channels as channels_lib
+from keras_ibprune import heldout as heldout_lib
 from keras_ibprune import masks as masks_lib
 from keras_ibprune import schedules as schedules_lib
 from keras_ibprune import scores as scores_lib
@@ -172,15 +173,15 @@ class Pruner:
                              f"Received: exclude={unknown}, wrapped layers: {sorted(names)}")
         self._data = None
         if self.held_out is not None and (self.score.needs_data or self.score.needs_gradients):
-            x, y = stats_lib.held_out_arrays(
+            x, y = heldout_lib.held_out_arrays(
                 self.held_out, self.held_out_size, self.model, output=self.output
             )
             if y is None and self.score.needs_labels:
                 y = self._teacher_labels(x)
                 # Teacher labels: rare predicted classes are fine, a single one is not.
-                stats_lib.check_labels(y, min_count=1)
+                heldout_lib.check_labels(y, min_count=1)
             elif y is not None and self.score.needs_labels:
-                stats_lib.check_labels(y)
+                heldout_lib.check_labels(y)
             self._data = (x, y)
         self._outputs = self._output_wrappers()
         self.score.reset()

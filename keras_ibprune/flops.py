@@ -20,22 +20,6 @@ import numpy as np
 from keras_ibprune import _graph as G
 
 L = keras.layers
-_POOL = (
-    L.MaxPooling1D,
-    L.MaxPooling2D,
-    L.MaxPooling3D,
-    L.AveragePooling1D,
-    L.AveragePooling2D,
-    L.AveragePooling3D,
-)
-_GPOOL = (
-    L.GlobalAveragePooling1D,
-    L.GlobalAveragePooling2D,
-    L.GlobalAveragePooling3D,
-    L.GlobalMaxPooling1D,
-    L.GlobalMaxPooling2D,
-    L.GlobalMaxPooling3D,
-)
 _RNN_GATES = {L.SimpleRNN: 1, L.LSTM: 4, L.GRU: 3}
 
 
@@ -83,9 +67,9 @@ def _cost(rec, ins, outs):
     if isinstance(layer, L.BatchNormalization):
         per = 2 + int(layer.scale) + int(layer.center)
         return 2 * _prod(o, name), per * o[-1]
-    if isinstance(layer, _POOL):
+    if isinstance(layer, G.POOLING):
         return _prod(o, name) * _prod(layer.pool_size, name), 0
-    if isinstance(layer, _GPOOL):
+    if isinstance(layer, G.GLOBAL_POOLING):
         return _prod(i, name), 0
     if isinstance(layer, tuple(G.MERGES)):
         return (len(ins) - 1) * _prod(o, name), 0

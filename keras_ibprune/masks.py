@@ -88,9 +88,16 @@ def _topk_flat(flat, sparsity, respect_pruned):
     if respect_pruned:
         k_prune = max(k_prune, int(np.sum(~np.isfinite(flat))))
     k_prune = min(k_prune, n)
-    order = np.argsort(flat, kind="stable")  # ascending; -inf first, ties by position
     keep = np.ones(n, dtype=np.float32)
-    keep[order[:k_prune]] = 0.0
+    if k_prune == 0:
+        return keep
+    # O(n) selection, same result as a stable sort: everything below the k-th smallest
+    # score, then ties at that score by position (-inf, i.e. already pruned, first).
+    kth = np.partition(flat, k_prune - 1)[k_prune - 1]
+    below = flat < kth
+    ties = np.flatnonzero(flat == kth)[: k_prune - int(below.sum())]
+    keep[below] = 0.0
+    keep[ties] = 0.0
     return keep
 
 

@@ -57,7 +57,8 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
         exclude: optional names (or layer objects) of layers not to wrap.
         granularity: `"weight"` (unstructured) or `"channel"` (units/filters, for
             `shrink`).
-        block_size: optional `(rows, cols)` block for weight masks, e.g. `(1, 4)`.
+        block_size: optional `(rows, cols)` block for weight masks over the
+            `(inputs, units)` kernel matrix, e.g. `(16, 1)`, which TFLite runs sparse.
 
     Returns:
         A new model with the same weights whose prunable layers are wrapped (or a

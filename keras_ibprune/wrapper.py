@@ -35,7 +35,7 @@ def _check_block_size(block_size):
         bs = ()
     if len(bs) != 2 or min(bs) < 1:
         raise ValueError(
-            "`block_size` must be None or a pair of positive ints such as (1, 4). "
+            "`block_size` must be None or a pair of positive ints such as (4, 1). "
             f"Received: block_size={block_size!r}"
         )
     return None if bs == (1, 1) else bs
@@ -51,9 +51,11 @@ class PruneWrapper(keras.layers.Wrapper):
             defining `get_prunable_weights()`).
         granularity: `"weight"` (unstructured masks, one per prunable weight) or
             `"channel"` (one mask over output units/filters, for `shrink`).
-        block_size: optional `(rows, cols)` block for weight masks, e.g. `(1, 4)`: weights
-            are kept or removed in blocks of the kernel viewed as a 2-D matrix
-            `(prod(shape[:-1]), shape[-1])`.
+        block_size: optional `(rows, cols)` block for weight masks: weights are kept or
+            removed in blocks of the kernel viewed as a 2-D matrix
+            `(prod(shape[:-1]), shape[-1])` = `(inputs, units)`. TFLite executes Dense
+            kernels sparse with `(4, 1)` (float) or `(16, 1)` (int8) blocks (4 / 16
+            consecutive inputs of one unit); other layouts are stored sparse only.
         **kwargs: base layer keyword arguments (`name`, ...).
 
     Example:

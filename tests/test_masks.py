@@ -54,3 +54,15 @@ def test_block_masks_are_whole_blocks():
 def test_mask_sparsity():
     assert masks.mask_sparsity([np.ones(3), np.zeros(1)]) == 0.25
     assert masks.mask_sparsity([]) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_selection_matches_a_stable_sort(seed):
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, 5, 200).astype(float)  # many ties
+    s[rng.random(200) < 0.1] = -np.inf
+    for sparsity in (0.05, 0.3, 0.77, 1.0):
+        k = round(sparsity * s.size)
+        expected = np.ones(s.size, np.float32)
+        expected[np.argsort(s, kind="stable")[:k]] = 0
+        np.testing.assert_array_equal(masks.topk_mask(s, sparsity), expected)
