@@ -81,33 +81,7 @@ def global_threshold(scores, sparsity, min_density=0.0):
     the rest, so the total target is met whenever the floors allow it.
     """
     _check(sparsity, min_density)
-    sizes = _sizes(scores)
-    flat = [np.where(np.isfinite(np.ravel(s)), np.ravel(s), -np.inf) for s in scores]
-    cap = np.floor((1.0 - min_density) * sizes)  # max zeros per tensor
-    total = int(round(sparsity * sizes.sum()))
-    frozen = np.zeros(len(scores), dtype=bool)
-    counts = np.zeros(len(scores))
-    for _ in range(len(scores) + 1):
-        budget = total - counts[frozen].sum()
-        live = [i for i in range(len(scores)) if not frozen[i]]
-        if not live or budget <= 0:
-            counts[~frozen] = 0
-            break
-        allv = np.concatenate([flat[i] for i in live])
-        k = int(min(budget, allv.size))
-        order = np.argsort(allv, kind="stable")
-        chosen = np.zeros(allv.size, dtype=bool)
-        chosen[order[:k]] = True
-        offs = np.cumsum([0] + [flat[i].size for i in live])
-        for j, i in enumerate(live):
-            counts[i] = chosen[offs[j] : offs[j + 1]].sum()
-        over = [i for i in live if counts[i] > cap[i]]
-        if not over:
-            break
-        for i in over:
-            counts[i] = cap[i]
-            frozen[i] = True
-    return [float(c / s) if s else 0.0 for c, s in zip(counts, sizes)]
+    return thresholds_with_floors(scores, sparsity, [min_density] * len(scores))
 
 
 def thresholds_with_floors(scores, sparsity, floors):
