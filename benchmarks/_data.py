@@ -4,6 +4,10 @@ MNIST: the 10,000-image MNIST test set in IDX format, looked up relative to the 
 as ``../shared/data/mnist-t10k`` (or ``$KIB_MNIST_DIR``), split with a fixed seed into
 8,000 training and 2,000 test images. Optional: when absent, `load("mnist")` raises and
 the benchmarks fall back to scikit-learn's 8x8 digits (1,797 images, 1,437 / 360 split).
+
+`splits(name)` is the protocol every accuracy benchmark uses: the training part split
+again into train and **validation** (MNIST 7,000 / 1,000; digits 1,077 / 360), the test part
+untouched. Held-out batches and every choice come from validation; test is reported once.
 """
 
 from __future__ import annotations
@@ -51,6 +55,16 @@ def load_digits(seed=0):
     x, y = x[order], y[order]
     n = int(0.8 * len(x))
     return (x[:n], y[:n]), (x[n:], y[n:])
+
+
+VAL_SIZE = {"mnist": 1000, "digits": 360}
+
+
+def splits(name, seed=0):
+    """`(train, val, test)` pairs of `(x, y)`: validation is the end of the training part."""
+    (x, y), test = load(name, seed=seed)
+    n = len(x) - VAL_SIZE[name]
+    return (x[:n], y[:n]), (x[n:], y[n:]), test
 
 
 def load(name, seed=0):

@@ -6,12 +6,23 @@ Wrap a model with `prune`, add the `IBPruning` callback to `fit`, then `strip_pr
 
 from importlib.metadata import PackageNotFoundError, version
 
-from keras_ibprune import allocation, channels, estimators, masks, schedules, scores, stats
-from keras_ibprune.callbacks import IBPruning, Pruner
-from keras_ibprune.channels import APoZScore, BNGammaScore, L1Score
+from keras_ibprune import (
+    allocation,
+    channels,
+    estimators,
+    information,
+    masks,
+    obs,
+    schedules,
+    scores,
+    stats,
+)
+from keras_ibprune.callbacks import IBPruning
 from keras_ibprune.export import ExportReport, ExportVerificationError, evaluate, export_tflite
 from keras_ibprune.flops import count_flops, count_params
+from keras_ibprune.information import GaussianOBDScore, IBScore, OBSScore
 from keras_ibprune.prune import prune, strip_pruning
+from keras_ibprune.pruner import Pruner
 from keras_ibprune.registry import get_prunable_weights, is_prunable, register_prunable
 from keras_ibprune.schedules import (
     ConstantSparsity,
@@ -22,8 +33,10 @@ from keras_ibprune.schedules import (
 )
 from keras_ibprune.scores import (
     ActivationScore,
+    APoZScore,
+    BNGammaScore,
     GradientScore,
-    IBScore,
+    L1Score,
     MagnitudeScore,
     RandomScore,
     Score,
@@ -51,12 +64,14 @@ __all__ = [
     "ConstantSparsity",
     "ExportReport",
     "ExportVerificationError",
+    "GaussianOBDScore",
     "GradientScore",
     "IBScore",
     "L1Score",
     "IBPruning",
     "Iterative",
     "MagnitudeScore",
+    "OBSScore",
     "OneShot",
     "PolynomialDecay",
     "PruneWrapper",
@@ -76,8 +91,10 @@ __all__ = [
     "evaluate",
     "export_tflite",
     "get_prunable_weights",
+    "information",
     "is_prunable",
     "masks",
+    "obs",
     "plot_information_plane",
     "prune",
     "register_prunable",

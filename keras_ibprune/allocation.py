@@ -8,8 +8,11 @@ tensors is the target (up to rounding and the per-tensor density floor `min_dens
 - ``"global"``: one score threshold across all tensors (needs comparable scores).
 - ``"erk"``: Erdős–Rényi-Kernel densities (Evci et al., 2020), `d_l ∝ Σ shape / Π shape`,
   so small layers stay denser.
-- ``"ib"``: a global threshold on scores measured in nats of label information (the
-  `IBScore`), i.e. water-filling the information lost, with ERK-based per-tensor floors.
+- ``"global_erk_floor"``: a global threshold with a per-tensor floor of half the ERK
+  density (the 0.1 default for the legacy ``"gaussian_obd"`` score).
+
+``"ib"`` is an alias of ``"global"``: for scores in nats (`IBScore`) one threshold is the
+water-filling of the information lost.
 
 A callable `f(scores, sparsity, min_density=...) -> list[float]` is accepted too.
 """
@@ -125,22 +128,18 @@ def thresholds_with_floors(scores, sparsity, floors):
     return [float(c / s) if s else 0.0 for c, s in zip(counts, sizes)]
 
 
-def ib(scores, sparsity, min_density=0.0, erk_floor=0.5, max_density=None):
-    """Information water-filling: one threshold on scores measured in nats.
+def global_erk_floor(scores, sparsity, min_density=0.0, erk_floor=0.5):
+    """Global threshold with a per-tensor floor of `erk_floor` times the ERK density.
 
-    With scores ``ΔI_w`` = estimated label information lost (nats) when weight ``w`` is
-    removed (`keras_ibprune.scores.IBScore`), removing the globally cheapest weights
-    solves ``min Σ_l ΔI_l`` s.t. the total number of kept weights — the Lagrangian
-    (water-filling) allocation: every layer is pruned down to the same marginal cost in
-    nats per weight. Each tensor keeps at least ``max(min_density, erk_floor · d_erk)``,
-    where ``d_erk`` is its ERK density at this sparsity (tiny layers are never emptied).
+    Each tensor keeps at least ``max(min_density, erk_floor · d_erk)``, where ``d_erk`` is
+    its ERK density at this sparsity. The hand-set floor was the 0.1 default's way to keep
+    a per-layer-biased score from emptying layers; kept for the ``"gaussian_obd"`` score.
 
     Args:
-        scores: per-tensor score arrays (nats; -inf = already pruned).
+        scores: per-tensor score arrays (-inf = already pruned).
         sparsity: model-wide target.
         min_density: absolute per-tensor floor.
         erk_floor: fraction of the ERK density used as a floor (0 disables).
-        max_density: unused; reserved.
     """
     _check(sparsity, min_density)
     dens_erk = 1.0 - np.asarray(erk(scores, sparsity))
@@ -151,9 +150,10 @@ def ib(scores, sparsity, min_density=0.0, erk_floor=0.5, max_density=None):
 register_allocation("uniform", uniform)
 register_allocation("erk", erk)
 register_allocation("global", global_threshold)
-register_allocation("ib", ib)
+register_allocation("global_erk_floor", global_erk_floor)
+register_allocation("ib", global_threshold)
 
-ALLOCATIONS = ("uniform", "global", "erk", "ib")
+ALLOCATIONS = ("uniform", "global", "erk", "global_erk_floor", "ib")
 
 
 def get(identifier):

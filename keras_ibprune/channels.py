@@ -13,11 +13,9 @@ per-unit scores into unit masks while respecting the graph:
 - every group keeps at least `max(1, min_width)` channels, and with `round_to=N` a multiple
   of N (when the layer is that wide).
 
-Unit scores (aliases for `IBPruning(score=...)`): ``"l1"`` (L1 norm of a filter, Li et al.
-2017), ``"bn_gamma"`` (|γ| of the BatchNormalization after the layer, network slimming,
-Liu et al. 2017), ``"apoz"`` (1 - average percentage of zeros of the unit's output, Hu et
-al. 2016), ``"random"``, and ``"ib"`` (unique label information of the unit minus β times its
-compression cost; see `scores`).
+Unit scores come from `keras_ibprune.scores` (``"l1"``, ``"bn_gamma"``, ``"apoz"``,
+``"random"``) and `keras_ibprune.information` (``"ib"``: unique label information of the
+unit minus β times its compression cost).
 """
 
 from __future__ import annotations
@@ -27,71 +25,9 @@ import numpy as np
 from keras import ops
 
 from keras_ibprune import flops as flops_lib
-from keras_ibprune.scores import MagnitudeScore, Score, register_score
 from keras_ibprune.shrink import ChannelGroup, channel_groups
 
 TARGETS = ("units", "flops", "params")
-
-
-@register_score("l1")
-@keras.saving.register_keras_serializable(package="keras_ibprune")
-class L1Score(MagnitudeScore):
-    """Filter/neuron L1 norm `Σ_i |w_ij|` (Li et al., 2017, "Pruning Filters for Efficient
-    ConvNets"); weight scores are `|w|`."""
-
-
-@register_score("bn_gamma")
-@keras.saving.register_keras_serializable(package="keras_ibprune")
-class BNGammaScore(Score):
-    """`|γ_j|` of the BatchNormalization that directly follows the layer (network slimming,
-    Liu et al., 2017). Layers without a following BatchNormalization fall back to the L1
-    norm, scaled to the same mean so the two are comparable."""
-
-    def __call__(self, stats):
-        return [np.abs(w) for w in stats.weights]
-
-    def unit_scores(self, stats):
-        l1 = MagnitudeScore().unit_scores(stats)
-        bn = _following_batchnorm(stats.wrapper)
-        if bn is None:
-            return l1 / (np.mean(l1) + 1e-12)
-        gamma = ops.convert_to_numpy(bn.gamma.value) if bn.gamma is not None else None
-        if gamma is None or gamma.shape[0] != l1.shape[0]:
-            return l1 / (np.mean(l1) + 1e-12)
-        g = np.abs(gamma).astype(np.float64)
-        return g / (np.mean(g) + 1e-12)
-
-
-@register_score("apoz")
-@keras.saving.register_keras_serializable(package="keras_ibprune")
-class APoZScore(Score):
-    """`1 - APoZ_j`: the fraction of held-out samples (and positions) where unit `j` is
-    non-zero after its activation (Hu et al., 2016, "Network Trimming"). A small mean
-    `|output|` term breaks ties between always-active units."""
-
-    needs_data = True
-
-    def __call__(self, stats):
-        return [np.abs(w) for w in stats.weights]
-
-    def unit_scores(self, stats):
-        out = stats.outputs
-        if out is None:
-            raise ValueError(
-                "The 'apoz' score needs held-out activations: pass `held_out=(x_val, y_val)`."
-            )
-        out = np.asarray(out, np.float64).reshape(-1, np.shape(out)[-1])
-        active = np.mean(np.abs(out) > 1e-12, axis=0)
-        mag = np.mean(np.abs(out), axis=0)
-        return active + 1e-3 * mag / (np.max(mag) + 1e-12)
-
-
-def _following_batchnorm(wrapper):
-    """The BatchNormalization layer consuming `wrapper`'s output, if it is the only consumer."""
-    nodes = getattr(wrapper, "_outbound_nodes", [])
-    ops_ = [n.operation for n in nodes]
-    bns = [o for o in ops_ if isinstance(o, keras.layers.BatchNormalization)]
-    return bns[0] if len(bns) == 1 else None
 
 
 def check_target(target):
@@ -107,9 +43,10 @@ class ChannelPolicy:
         model: a Functional/Sequential model whose wrappers use `granularity="channel"`.
         wrappers: those wrappers.
         target: `"units"`, `"flops"` or `"params"`.
-        allocation: `"uniform"` (each group loses the same fraction) or `"global"` (one
-            ranking of normalized scores, per unit of cost for flops/params); other names
-            behave as `"uniform"`.
+        allocation: `"uniform"` (each group loses the same fraction) or `"global"` / its
+            alias `"ib"` (one ranking of normalized scores, per unit of cost for
+            flops/params). `"erk"` and `"global_erk_floor"` are weight allocations and
+            raise here.
         min_width: minimum number of channels any group keeps (at least 1).
         round_to: keep a multiple of this many channels per group (when possible).
         regrow: allow removed channels to come back.
@@ -120,7 +57,12 @@ class ChannelPolicy:
                  round_to=None, regrow=False, frozen=()):
         self.model = model
         self.target = check_target(target)
-        self.allocation = allocation if allocation in ("uniform", "global") else "uniform"
+        if callable(allocation) or allocation not in ("uniform", "global", "ib"):
+            raise ValueError(
+                "Channel pruning allocates units with 'uniform' or 'global' (alias 'ib'). "
+                f"Received: allocation={allocation!r}"
+            )
+        self.allocation = "global" if allocation == "ib" else allocation
         self.regrow = bool(regrow)
         self.round_to = round_to
         self.by_name = {w.name: w for w in wrappers}

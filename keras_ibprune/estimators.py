@@ -1,48 +1,63 @@
-"""Information estimators: pure numpy math on sample arrays (no Keras, no TensorFlow).
+"""Information estimators: numpy math on samples (no Keras, no TensorFlow).
 
 Every estimator takes samples ``t`` of shape ``(n, d)`` (rows = samples) and, where a
-label is involved, ``y`` as ``(n,)`` integer classes or ``(n,)`` / ``(n, k)`` float
-targets (see `label_kind`). All quantities are in **nats**. The estimators are
-deterministic (a fixed ``seed`` wherever samples are subsampled), regularized, and finite
-for any input: non-finite entries are replaced by 0, constant or duplicated columns are
-handled by covariance shrinkage, and outputs are clipped to be finite and >= 0.
+label is involved, ``y`` as ``(n,)`` integer classes, ``(n, k)`` one-hot / probability rows
+(classes by argmax) or ``(n,)`` / ``(n, k)`` float targets (see `label_kind`). All
+information values are in **nats**, deterministic for a fixed ``seed``, finite for any
+input (non-finite entries become 0) and scale-invariant per unit (units are standardized
+first; constant units carry nothing).
 
-Families:
+Relevance ``I(T; Y)`` — a cross-fitted variational lower bound (Barber & Agakov, 2003; Xu
+et al., 2020, "usable information"):
 
-- **Gaussian** (`gaussian_mi`, `unit_relevance`, `unique_relevance`, `noise_sensitivity`,
-  `gaussian_compression`, `pairwise_mi`): ``T`` given ``Y`` is modelled as Gaussian with a
-  shared within-class covariance ``Σ_w`` (continuous ``Y``: jointly Gaussian ``(T, Y)``,
-  ``Σ_w = Cov(T | Y)``, the residual covariance of the linear regression of ``T`` on ``Y``).
-  Then ``I(T; Y) = ½ log det Σ_t − ½ log det Σ_w``. For classes this is the mutual
-  information of the Gaussian channel with the same first and second moments, the
-  standard closed form used for linear-discriminant information (it is exact for
-  jointly Gaussian ``(T, Y)``).
-- **Binned** (`binned_entropy`, `binned_mi`, `binned_layer_entropy`): equal-width
-  histograms, ``H = −Σ p log p`` and plug-in ``I(T; Y) = H(T) − H(T | Y)`` (Shwartz-Ziv &
-  Tishby, 2017; see Saxe et al., 2018 on how binning drives compression estimates).
-- **HSIC** (`hsic`): normalized Hilbert-Schmidt independence criterion with RBF kernels
-  (Gretton et al., 2005; used as an IB surrogate by Ma et al., 2020).
+    I(T; Y) = H(Y) − H(Y | T)  ≥  H(Y) − CE(q),   CE(q) = E[−log q(y | t)]
 
-Shrinkage: every covariance ``Σ`` becomes ``(1 − λ) Σ + λ (tr Σ / d) I + ε I`` with
-``ε = 1e-6 · tr Σ / d + 1e-12``. The total covariance is rebuilt as ``Σ_t = Σ_b + Σ_w``
-from the shrunk within-class part, so ``Σ_t ⪰ Σ_w`` and every information is >= 0.
+for any probe ``q``. The probe is fitted on one half of the samples and its cross-entropy
+measured on the other half (and vice versa), so overfitting makes the estimate *smaller*,
+never larger: on pure noise it is ≈ 0 even when ``n ≈ d``. It is clipped to
+``[0, Ĥ(Y)]`` (classes), so it can never exceed the label entropy.
+
+- classes: ``q`` is the posterior of a Gaussian mixture with a shared covariance (linear
+  discriminant analysis), ``t | y=c ~ N(μ_c, Σ_w)``; ``Σ_w`` is shrunk with the
+  Oracle-Approximating-Shrinkage estimator (OAS, Chen et al., 2010) on standardized units.
+  Exact in the limit when the data are such a mixture.
+- continuous targets: ``q`` is the linear-Gaussian regression of ``y`` on ``t`` (OAS-shrunk
+  ``Σ_t``), ``Î = ½ log det Σ_y − ½ log det Σ_res``; exact for jointly Gaussian
+  ``(T, Y)``: ``−½ log(1 − ρ²)`` for one correlated pair.
+
+`unique_relevance` gives every unit's ``I(T; Y) − I(T_{−j}; Y)`` from the same probe (the
+probe without unit ``j`` is a rank-one update of the precision matrix).
+
+Compression ``I(X; T)`` of a deterministic layer is infinite for continuous ``X``; with a
+Gaussian noise floor ``T + ε``, ``ε ~ N(0, σ² I)``, the Gaussian with the same covariance
+maximizes entropy, so ``½ log det(I + Σ_t / σ²)`` is an **upper bound** on
+``I(X; T + ε)`` (`gaussian_compression`; Kolchinsky et al., 2019).
+
+Also: binned plug-in estimators with the Miller–Madow bias correction and equal-frequency
+bins (`binned_mi`), the normalized HSIC dependence measure (`hsic`, in [0, 1], *not* nats),
+Gaussian pairwise information (`pairwise_mi`), and the Gaussian-channel sensitivity of
+the legacy ``"gaussian_obd"`` score (`noise_sensitivity`).
 
 Example:
 
 ```python
-t = np.random.default_rng(0).normal(size=(500, 3))
-y = (t[:, 0] > 0).astype(int)
-unique_relevance(t, y)        # unit 0 high, units 1-2 ~0
+rng = np.random.default_rng(0)
+y = rng.integers(0, 2, 1000)
+t = np.c_[y + rng.normal(size=1000), rng.normal(size=1000)]   # unit 0 informative
+relevance(t, y)             # ~0.2 nats, <= H(Y) = log 2
+unique_relevance(t, y)      # unit 0 >> unit 1 (~0)
 ```
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import logsumexp
 
-DEFAULT_SHRINKAGE = 0.05
+ESTIMATORS = ("gaussian", "binned")
 
 
+# ------------------------------------------------------------------------ basics
 def _finite(a, dtype=np.float64):
     a = np.asarray(a, dtype=dtype)
     if not np.all(np.isfinite(a)):
@@ -72,6 +87,352 @@ def label_kind(y):
     return "continuous", y.reshape(len(y), -1)
 
 
+def entropy(y):
+    """Plug-in entropy ``H(Y) = −Σ p̂_c log p̂_c`` of class labels (nats)."""
+    _, counts = np.unique(np.asarray(y).reshape(-1), return_counts=True)
+    p = counts / max(counts.sum(), 1)
+    return float(-np.sum(p * np.log(p)))
+
+
+def _standardize(t):
+    """Units scaled to mean 0, variance 1; constant units dropped. Returns `(z, kept)`."""
+    t = _as_2d(t)
+    sd = t.std(axis=0)
+    kept = sd > 1e-12 * max(float(np.max(np.abs(t), initial=0.0)), 1e-300)
+    z = (t[:, kept] - t[:, kept].mean(axis=0)) / sd[kept]
+    return z, kept
+
+
+def _folds(lab, seed, n_folds=2):
+    """Deterministic stratified folds: a seeded permutation within every class."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(lab), dtype=np.int64)
+    for c in np.unique(lab):
+        idx = np.flatnonzero(lab == c)
+        fold[idx[rng.permutation(len(idx))]] = np.arange(len(idx)) % n_folds
+    return fold
+
+
+def _oas(resid):
+    """OAS-shrunk covariance of already-centred residuals (scikit-learn), made definite."""
+    from sklearn.covariance import oas
+
+    d = resid.shape[1]
+    if resid.shape[0] < 2:
+        return np.eye(d)
+    cov, _ = oas(resid, assume_centered=True)
+    cov[np.diag_indices(d)] += 1e-6 * max(float(np.trace(cov)) / d, 1e-12)
+    return cov
+
+
+def _precision(cov):
+    """Inverse of a symmetric positive-definite matrix via Cholesky (scipy LAPACK)."""
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve
+
+    try:
+        return cho_solve(cho_factor(cov, lower=True), np.eye(len(cov)))
+    except (LinAlgError, ValueError):  # indefinite from round-off: clip the spectrum
+        w, v = np.linalg.eigh(_finite(0.5 * (cov + cov.T)))
+        w = np.maximum(w, 1e-12 * max(float(np.abs(w).max(initial=0.0)), 1e-300))
+        return (v / w) @ v.T
+
+
+# ---------------------------------------------------------- relevance I(T; Y), classes
+def _lda_fit(z, lab, classes):
+    k = len(classes)
+    onehot = (lab[:, None] == classes[None, :]).astype(np.float64)
+    counts = onehot.sum(axis=0)
+    means = (onehot.T @ z) / np.maximum(counts, 1.0)[:, None]
+    prec = _precision(_oas(z - means[np.searchsorted(classes, lab)]))
+    log_prior = np.log((counts + 1.0) / (counts.sum() + k))  # Laplace: absent classes live
+    return means, prec, log_prior
+
+
+def _lda_terms(z_fit, lab_fit, z_eval, classes):
+    means, prec, log_prior = _lda_fit(z_fit, lab_fit, classes)
+    a = means @ prec  # (k, d): a_c = P μ_c
+    b = z_eval @ prec  # (m, d): P t
+    logits = b @ means.T - 0.5 * np.sum(a * means, axis=1) + log_prior
+    return logits, a, b, np.diag(prec)
+
+
+def _ce(logits, idx):
+    return logsumexp(logits, axis=1) - logits[np.arange(len(idx)), idx]
+
+
+def _class_relevance(t, lab, seed, per_unit, chunk=64):
+    z, kept = _standardize(t)
+    classes, idx = np.unique(lab, return_inverse=True)
+    h = entropy(lab)
+    unique = np.zeros(kept.size)
+    if z.shape[1] == 0 or len(classes) < 2:
+        return 0.0, unique
+    fold = _folds(idx, seed)
+    ce = np.zeros(len(idx))
+    ce_drop = np.zeros((len(idx), z.shape[1])) if per_unit else None
+    for f in (0, 1):
+        fit, ev = fold != f, fold == f
+        if not ev.any() or not fit.any():
+            continue
+        logits, a, b, pdiag = _lda_terms(z[fit], idx[fit], z[ev], np.arange(len(classes)))
+        ce[ev] = _ce(logits, idx[ev])
+        if per_unit:  # probe without unit j: P_{-j} = P − P e_j e_jᵀ P / P_jj
+            for j0 in range(0, z.shape[1], chunk):
+                j1 = min(j0 + chunk, z.shape[1])
+                aj, bj, pj = a[:, j0:j1], b[:, j0:j1], pdiag[j0:j1]
+                delta = (bj[:, None, :] * aj[None] - 0.5 * aj[None] ** 2) / pj  # (m, k, J)
+                lj = logits[:, :, None] - delta
+                ce_drop[ev, j0:j1] = (logsumexp(lj, axis=1)
+                                      - lj[np.arange(lj.shape[0]), idx[ev]])
+    info = float(np.clip(h - ce.mean(), 0.0, h))
+    if per_unit:  # difference of cross-entropies: meaningful even where info clips at 0
+        unique[kept] = ce_drop.mean(axis=0) - ce.mean()
+    return info, unique
+
+
+# ------------------------------------------------------- relevance I(T; Y), continuous
+def _regression_relevance(t, y, seed, per_unit):
+    z, kept = _standardize(t)
+    yz, _ = _standardize(y)
+    unique = np.zeros(kept.size)
+    if z.shape[1] == 0 or yz.shape[1] == 0:
+        return 0.0, unique
+    fold = _folds(np.zeros(len(z), np.int64), seed)
+    resid = np.zeros_like(yz)
+    resid_drop = np.zeros((z.shape[1],) + yz.shape) if per_unit else None
+    for f in (0, 1):
+        fit, ev = fold != f, fold == f
+        zf, yf = z[fit], yz[fit]
+        mz, my = zf.mean(axis=0), yf.mean(axis=0)
+        prec = _precision(_oas(zf - mz))
+        coef = prec @ ((zf - mz).T @ (yf - my) / len(zf))  # (d, k)
+        ze = z[ev] - mz
+        pred = ze @ coef
+        resid[ev] = yz[ev] - my - pred
+        if per_unit:
+            pz = ze @ prec  # (m, d)
+            pdiag = np.diag(prec)
+            for j in range(z.shape[1]):  # coef_{-j} = coef − P e_j (e_jᵀ coef) / P_jj
+                pred_j = pred - np.outer(pz[:, j], coef[j]) / pdiag[j]
+                resid_drop[j, ev] = yz[ev] - my - pred_j
+    corr = np.corrcoef(yz, rowvar=False).reshape(yz.shape[1], yz.shape[1])
+
+    def info_of(r):
+        _, ld_res = np.linalg.slogdet(r.T @ r / len(r) + 1e-12 * np.eye(r.shape[1]))
+        _, ld_y = np.linalg.slogdet(corr + 1e-12 * np.eye(len(corr)))
+        return max(0.5 * (ld_y - ld_res), 0.0)
+
+    info = info_of(resid)
+    if per_unit:
+        unique[kept] = info - np.array([info_of(r) for r in resid_drop])
+    return float(info), unique
+
+
+def relevance(t, y, seed=0):
+    """Layer relevance ``I(T; Y)`` in nats: cross-fitted probe bound (see module doc).
+
+    Classes: in ``[0, Ĥ(Y)]``; ≈ 0 for noise whatever ``n / d``; invariant to rescaling
+    any unit. Continuous ``y``: the linear-Gaussian bound (exact for jointly Gaussian).
+
+    Args:
+        t: `(n, d)` samples of the layer.
+        y: labels or targets (see `label_kind`).
+        seed: seed of the stratified two-fold split.
+    """
+    kind, lab = label_kind(y)
+    if kind == "classes":
+        return _class_relevance(t, lab, seed, per_unit=False)[0]
+    return _regression_relevance(t, lab, seed, per_unit=False)[0]
+
+
+def unique_relevance(t, y, seed=0):
+    """Unique relevance ``u_j = I(T; Y) − I(T_{−j}; Y)`` of every unit, `(d,)` nats.
+
+    Both terms use the same cross-fitted probe; the probe without unit ``j`` shares the
+    fitted means and covariance (``Σ⁻¹`` of the other units is the rank-one downdate
+    ``P − P e_j e_jᵀ P / P_jj``), so all ``d`` values cost about one extra evaluation.
+    Two copies of one informative unit both get ``u ≈ 0`` (each is redundant given the
+    other). Values can be slightly negative: removing a noise unit can make the probe
+    generalize better. Constant units get 0.
+    """
+    kind, lab = label_kind(y)
+    if kind == "classes":
+        return _class_relevance(t, lab, seed, per_unit=True)[1]
+    return _regression_relevance(t, lab, seed, per_unit=True)[1]
+
+
+def unit_relevance(t, y, seed=0):
+    """Marginal relevance ``I(T_j; Y)`` of every unit alone, `(d,)` nats (same probe)."""
+    t = _as_2d(t)
+    return np.array([relevance(t[:, j : j + 1], y, seed) for j in range(t.shape[1])])
+
+
+# ---------------------------------------------------------------- compression I(X; T)
+def gaussian_compression(t, noise_var=1e-2, per_unit=True):
+    """Upper bound on the compression ``I(X; T + ε)`` of a layer with a noise floor.
+
+    ``ε ~ N(0, σ² I)``; a Gaussian of the same covariance maximizes entropy, hence
+
+        per unit:  I(X; T_j + ε_j) ≤ ½ log(1 + var(T_j) / σ²)
+        layer:     I(X; T + ε)     ≤ ½ log det(I + Σ_t / σ²)
+
+    Unlike the relevance, this depends on the scale of ``t`` through ``σ²`` by design (the
+    noise floor is an absolute resolution).
+
+    Args:
+        t: `(n, d)` samples.
+        noise_var: σ², in the units of `t`.
+        per_unit: return the `(d,)` per-unit values, else the layer scalar.
+    """
+    t = _as_2d(t)
+    s2 = max(float(noise_var), 1e-12)
+    if per_unit:
+        return np.maximum(0.5 * np.log1p(t.var(axis=0) / s2), 0.0)
+    tc = t - t.mean(axis=0)
+    c = tc.T @ tc / (max(len(t), 1) * s2)
+    c[np.diag_indices(len(c))] += 1.0
+    sign, logdet = np.linalg.slogdet(c)
+    return float(max(0.5 * logdet, 0.0)) if sign > 0 else 0.0
+
+
+def pairwise_mi(t):
+    """Gaussian unit-pair information ``I(T_i; T_j) = −½ log(1 − ρ_ij²)``, `(d, d)` nats.
+
+    Exact for jointly Gaussian pairs; a redundancy diagnostic (duplicated units have large
+    values). The diagonal is 0; constant units get 0.
+    """
+    z, kept = _standardize(t)
+    d = kept.size
+    out = np.zeros((d, d))
+    if z.shape[1]:
+        rho = np.clip(z.T @ z / len(z), -1.0 + 1e-12, 1.0 - 1e-12)
+        sub = -0.5 * np.log1p(-(rho**2))
+        np.fill_diagonal(sub, 0.0)
+        out[np.ix_(kept, kept)] = sub
+    return out
+
+
+# -------------------------------------------------------------- binned (plug-in) MI
+def _quantile_codes(t, bins):
+    """Equal-frequency bin codes per column (invariant to monotone rescaling)."""
+    t = _as_2d(t)
+    ranks = np.argsort(np.argsort(t, axis=0, kind="stable"), axis=0, kind="stable")
+    codes = (ranks * bins) // max(len(t), 1)
+    for j in range(t.shape[1]):  # ties share a code: the code of their first rank
+        col = t[:, j]
+        _, first = np.unique(col, return_inverse=True)
+        lowest = np.full(first.max() + 1 if first.size else 0, np.iinfo(np.int64).max)
+        np.minimum.at(lowest, first, codes[:, j])
+        codes[:, j] = lowest[first]
+    return codes
+
+
+def _plugin_mi(a, b):
+    """Plug-in MI of two code vectors minus the Miller–Madow bias ``(A−1)(B−1)/(2n)``."""
+    from sklearn.metrics import mutual_info_score
+
+    n = len(a)
+    if n == 0:
+        return 0.0
+    mi = mutual_info_score(a, b)
+    bias = (len(np.unique(a)) - 1) * (len(np.unique(b)) - 1) / (2.0 * n)
+    return max(mi - bias, 0.0)
+
+
+def _discrete_labels(y, bins):
+    kind, lab = label_kind(y)
+    if kind == "continuous":
+        lab = _quantile_codes(lab[:, :1], bins)[:, 0]
+    return lab
+
+
+def binned_mi(t, y, bins=16):
+    """Per-unit plug-in ``I(T_j; Y)`` with equal-frequency bins, Miller–Madow corrected.
+
+    Bounded by the plug-in ``min(H(T_j), H(Y))``; ≈ 0 on noise (the bias correction
+    removes the ``(bins−1)(classes−1)/(2n)`` that plug-in estimates add). Continuous `y`
+    is binned the same way (its first column).
+    """
+    codes = _quantile_codes(t, bins)
+    lab = _discrete_labels(y, bins)
+    return np.array([_plugin_mi(codes[:, j], lab) for j in range(codes.shape[1])])
+
+
+def binned_layer_mi(t, y, bins=16):
+    """Plug-in ``I(T; Y)`` over joint bin patterns of the layer, Miller–Madow corrected.
+
+    With many units nearly every sample has its own pattern and the plug-in value
+    saturates at ``H(Y)`` whatever ``T`` is (Saxe et al., 2018); the correction then
+    brings it to ≈ 0. Use it for narrow layers only; `relevance` is the default.
+    """
+    codes = _quantile_codes(t, bins)
+    _, joint = np.unique(codes, axis=0, return_inverse=True)
+    lab = _discrete_labels(y, bins)
+    return float(min(_plugin_mi(joint.reshape(-1), lab), entropy(lab)))
+
+
+# ----------------------------------------------------------------------------- HSIC
+def _rbf_gram(a):
+    sq = np.sum(a * a, axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * a @ a.T, 0.0)
+    off = d2[np.triu_indices(len(a), 1)]
+    med = float(np.median(off[off > 0])) if np.any(off > 0) else 1.0
+    return np.exp(-d2 / med)
+
+
+def hsic(t, y, max_samples=512, seed=0):
+    """Normalized HSIC with RBF kernels (median-heuristic bandwidth), in [0, 1]; *not* nats.
+
+        HSIC(K, L) = tr(K H L H) / (n − 1)²,   H = I − 11ᵀ/n
+        nHSIC = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))
+
+    A dependence measure (Gretton et al., 2005), not an information quantity. Class labels
+    use the delta kernel. At most `max_samples` samples (a fixed random subset).
+    """
+    t = _as_2d(t)
+    kind, lab = label_kind(y)
+    n = t.shape[0]
+    if n > max_samples:
+        idx = np.sort(np.random.default_rng(seed).choice(n, max_samples, replace=False))
+        t, lab = t[idx], lab[idx]
+        n = max_samples
+    if n < 2:
+        return 0.0
+    k = _rbf_gram(t)
+    ell = ((lab[:, None] == lab[None, :]).astype(np.float64) if kind == "classes"
+           else _rbf_gram(lab))
+    h = np.eye(n) - 1.0 / n
+    kc, lc = h @ k @ h, h @ ell @ h
+    kl, kk, ll = np.sum(kc * lc), np.sum(kc * kc), np.sum(lc * lc)
+    if kk <= 1e-12 or ll <= 1e-12:
+        return 0.0
+    return float(np.clip(kl / np.sqrt(kk * ll), 0.0, 1.0))
+
+
+# ------------------------------------------------------------------ estimator choice
+def check_estimator(name):
+    """Validates an information estimator name (`"gaussian"` or `"binned"`)."""
+    if name not in ESTIMATORS:
+        raise ValueError(
+            f"Unknown estimator. Expected one of {ESTIMATORS} (information in nats; HSIC "
+            f"is a dependence measure: use `estimators.hsic`). Received: estimator={name!r}"
+        )
+    return name
+
+
+def layer_mi(t, y, estimator="gaussian", seed=0):
+    """Layer ``I(T; Y)`` (nats): `relevance` or `binned_layer_mi`."""
+    check_estimator(estimator)
+    return relevance(t, y, seed) if estimator == "gaussian" else binned_layer_mi(t, y)
+
+
+def unit_scores_mi(t, y, estimator="gaussian", seed=0):
+    """Per-unit relevance used to rank units: unique (gaussian) or marginal binned."""
+    check_estimator(estimator)
+    return unique_relevance(t, y, seed) if estimator == "gaussian" else binned_mi(t, y)
+
+
+# ------------------------------------------- Gaussian channel (legacy "gaussian_obd")
 def _shrink(c, shrinkage):
     d = c.shape[0]
     mu = max(float(np.trace(c)) / max(d, 1), 0.0)
@@ -80,20 +441,15 @@ def _shrink(c, shrinkage):
     return out
 
 
-def covariances(t, y, shrinkage=DEFAULT_SHRINKAGE):
-    """Shrunk total and within-class (conditional) covariances of `t` given `y`.
+def noise_sensitivity(t, y, shrinkage=0.05):
+    """Legacy Gaussian-channel sensitivity ``κ_j = ½((Σ_w⁻¹)_jj − (Σ_t⁻¹)_jj)``, `(d,)`.
 
-    Classes: ``Σ_w = (1/n) Σ_c Σ_{i∈c} (t_i − μ_c)(t_i − μ_c)ᵀ``; continuous ``y``:
-    ``Σ_w = Σ_t − Σ_ty Σ_y⁻¹ Σ_yt``. ``Σ_b = Σ_t − Σ_w`` (PSD) is kept and
-    ``Σ_t := Σ_b + shrink(Σ_w)``.
-
-    Args:
-        t: `(n, d)` samples.
-        y: labels (see `label_kind`).
-        shrinkage: λ in [0, 1].
-
-    Returns:
-        `(sigma_t, sigma_w)`, two `(d, d)` float64 arrays.
+    The derivative ``−∂I/∂δ`` of the Gaussian-channel information
+    ``½ log det Σ_t − ½ log det Σ_w`` (shared within-class covariance ``Σ_w``, fixed
+    shrinkage towards the mean variance) with respect to noise of variance δ added to
+    unit ``j``. That channel information is an *upper* bound that grows without limit
+    when ``n ≈ d`` and is not scale-invariant; it is kept only for the ``"gaussian_obd"``
+    ablation score. Use `relevance` / `unique_relevance` for information values.
     """
     t = _as_2d(t)
     n = max(t.shape[0], 1)
@@ -112,267 +468,7 @@ def covariances(t, y, shrinkage=DEFAULT_SHRINKAGE):
         syy = _shrink(yc.T @ yc / n, 1e-3)
         sty = tc.T @ yc / n
         sigma_b = sty @ np.linalg.solve(syy, sty.T)
-    sigma_tot = tc.T @ tc / n
-    sigma_w = _shrink(sigma_tot - sigma_b, shrinkage)
-    sigma_b = 0.5 * (sigma_b + sigma_b.T)
-    return sigma_b + sigma_w, sigma_w
-
-
-def _logdet(c):
-    return _chol(c, inverse=False)[0]
-
-
-def _chol(c, inverse=True):
-    """`(log det c, diag(c⁻¹))` of a symmetric positive-definite matrix via Cholesky."""
-    try:
-        low = np.linalg.cholesky(c)
-    except np.linalg.LinAlgError:  # pragma: no cover - shrinkage keeps c definite
-        w, v = np.linalg.eigh(c)
-        w = np.maximum(w, 1e-300)
-        return float(np.sum(np.log(w))), (v**2) @ (1.0 / w) if inverse else None
-    logdet = 2.0 * float(np.sum(np.log(np.diag(low))))
-    if not inverse:
-        return logdet, None
-    try:  # LAPACK potri: the inverse from the Cholesky factor (scipy ships with sklearn)
-        from scipy.linalg import lapack
-
-        inv, info = lapack.dpotri(low, lower=1)
-        if info == 0:
-            return logdet, np.diag(inv).copy()
-    except ImportError:  # pragma: no cover
-        pass
-    linv = np.linalg.inv(low)
-    return logdet, np.sum(linv * linv, axis=0)
-
-
-def gaussian_layer(t, y, shrinkage=DEFAULT_SHRINKAGE, cov=None):
-    """All Gaussian relevance quantities of a layer from one pair of factorizations.
-
-    Returns:
-        dict with `mi` (``I(T; Y)``), `unique` (``u_j``, see `unique_relevance`) and
-        `kappa` (``κ_j``, see `noise_sensitivity`), all finite and >= 0.
-    """
-    st, sw = cov if cov is not None else covariances(t, y, shrinkage)
-    ld_t, it = _chol(st)
-    ld_w, iw = _chol(sw)
-    return {
-        "mi": float(_clean_out(0.5 * (ld_t - ld_w))),
-        "unique": _clean_out(0.5 * np.log(iw / it)),
-        "kappa": _clean_out(0.5 * (iw - it)),
-    }
-
-
-def _clean_out(v):
-    return np.maximum(_finite(v), 0.0)
-
-
-def gaussian_mi(t, y, shrinkage=DEFAULT_SHRINKAGE):
-    """Layer relevance ``I(T; Y) = ½ (log det Σ_t − log det Σ_w)`` in nats (scalar)."""
-    st, sw = covariances(t, y, shrinkage)
-    return float(_clean_out(0.5 * (_logdet(st) - _logdet(sw))))
-
-
-def unit_relevance(t, y, shrinkage=DEFAULT_SHRINKAGE):
-    """Marginal relevance of every unit, ``I(T_j; Y) = ½ log(Σ_t,jj / Σ_w,jj)``, `(d,)`."""
-    st, sw = covariances(t, y, shrinkage)
-    return _clean_out(0.5 * np.log(np.diag(st) / np.diag(sw)))
-
-
-def unique_relevance(t, y, shrinkage=DEFAULT_SHRINKAGE, cov=None):
-    """Unique relevance ``u_j = I(T; Y) − I(T_{−j}; Y)`` for all units at once, `(d,)`.
-
-    Closed form under the Gaussian model (``det Σ / det Σ_{−j} = 1 / (Σ⁻¹)_jj``):
-
-        u_j = ½ log( (Σ_w⁻¹)_jj / (Σ_t⁻¹)_jj ).
-
-    Two copies of one informative unit both get ``u ≈ 0``: each is redundant given the
-    other. `cov` takes precomputed `(sigma_t, sigma_w)`.
-    """
-    return gaussian_layer(t, y, shrinkage, cov)["unique"]
-
-
-def noise_sensitivity(t, y, shrinkage=DEFAULT_SHRINKAGE, cov=None):
-    """Label information lost per unit of noise variance added to unit j, `(d,)`.
-
-    Adding independent noise of variance δ to ``T_j`` changes both covariances by
-    ``δ e_j e_jᵀ``; since ``∂ log det Σ / ∂Σ_jj = (Σ⁻¹)_jj``,
-
-        −∂I(T; Y)/∂δ = κ_j = ½ ((Σ_w⁻¹)_jj − (Σ_t⁻¹)_jj) >= 0   [nats / variance].
-
-    Like `unique_relevance` it is joint (a redundant copy makes the unit robust).
-    """
-    return gaussian_layer(t, y, shrinkage, cov)["kappa"]
-
-
-def gaussian_compression(t, noise_var=1e-2, per_unit=True):
-    """Compression ``I(X; T)`` of a deterministic layer with a Gaussian noise floor.
-
-    A deterministic map has infinite ``I(X; T)`` for continuous ``X``; as in Saxe et al.
-    (2018) and Kolchinsky et al. (2019) we measure ``T + ε``, ``ε ~ N(0, σ² I)``:
-
-        per unit:  I(X; T_j) = ½ log(1 + var(T_j) / σ²)
-        layer:     I(X; T)   = ½ log det(I + Σ_t / σ²)
-
-    Args:
-        t: `(n, d)` samples.
-        noise_var: σ², in the units of `t`.
-        per_unit: return the `(d,)` per-unit values, else the layer scalar.
-    """
-    t = _as_2d(t)
-    s2 = max(float(noise_var), 1e-12)
-    if per_unit:
-        return _clean_out(0.5 * np.log1p(t.var(axis=0) / s2))
-    tc = t - t.mean(axis=0)
-    c = tc.T @ tc / (max(len(t), 1) * s2)
-    c[np.diag_indices(len(c))] += 1.0
-    return float(_clean_out(0.5 * _logdet(c)))
-
-
-def pairwise_mi(t, shrinkage=DEFAULT_SHRINKAGE):
-    """Gaussian unit-pair information ``I(T_i; T_j) = −½ log(1 − ρ_ij²)``, `(d, d)`.
-
-    A redundancy diagnostic: duplicated units have large pairwise information. The
-    diagonal is set to 0.
-    """
-    t = _as_2d(t)
-    tc = t - t.mean(axis=0)
-    c = _shrink(tc.T @ tc / max(len(t), 1), shrinkage)
-    s = np.sqrt(np.diag(c))
-    rho = np.clip(c / np.outer(s, s), -1.0 + 1e-12, 1.0 - 1e-12)
-    out = -0.5 * np.log1p(-(rho**2))
-    np.fill_diagonal(out, 0.0)
-    return _clean_out(out)
-
-
-# ------------------------------------------------------------------ binned estimators
-def _bin(t, bins):
-    t = _as_2d(t)
-    lo, hi = t.min(axis=0), t.max(axis=0)
-    width = np.where(hi > lo, hi - lo, 1.0)
-    return np.clip(((t - lo) / width * bins).astype(np.int64), 0, bins - 1)
-
-
-def _entropy_of_codes(codes):
-    _, counts = np.unique(codes, return_counts=True)
-    p = counts / counts.sum()
-    return float(-np.sum(p * np.log(p)))
-
-
-def binned_entropy(t, bins=30):
-    """Per-column histogram entropy ``H(T_j) = −Σ_b p_b log p_b`` (nats), `(d,)`.
-
-    Equal-width bins between each column's min and max; a constant column has ``H = 0``.
-    """
-    codes = _bin(t, bins)
-    return np.array([_entropy_of_codes(codes[:, j]) for j in range(codes.shape[1])])
-
-
-def binned_layer_entropy(t, bins=30):
-    """Entropy of the binned layer vector ``H(T)`` (each distinct bin pattern a symbol).
-
-    For a deterministic network this is the binned ``I(X; T)`` (Shwartz-Ziv & Tishby, 2017).
-    """
-    codes = _bin(t, bins)
-    _, inv = np.unique(codes, axis=0, return_inverse=True)
-    return _entropy_of_codes(inv.reshape(-1))
-
-
-def binned_mi(t, y, bins=30):
-    """Plug-in ``I(T_j; Y) = H(T_j) − Σ_c p(c) H(T_j | Y=c)`` per column, `(d,)`.
-
-    Continuous `y` is binned with the same number of bins (its first column).
-    """
-    codes = _bin(t, bins)
-    kind, lab = label_kind(y)
-    if kind == "continuous":
-        lab = _bin(lab[:, :1], bins)[:, 0]
-    h = np.array([_entropy_of_codes(codes[:, j]) for j in range(codes.shape[1])])
-    cond = np.zeros_like(h)
-    for c in np.unique(lab):
-        sel = codes[lab == c]
-        cond += len(sel) / len(lab) * np.array(
-            [_entropy_of_codes(sel[:, j]) for j in range(sel.shape[1])]
-        )
-    return _clean_out(h - cond)
-
-
-# --------------------------------------------------------------------------- HSIC
-def _rbf_gram(a):
-    sq = np.sum(a * a, axis=1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * a @ a.T, 0.0)
-    off = d2[np.triu_indices(len(a), 1)]
-    med = float(np.median(off[off > 0])) if np.any(off > 0) else 1.0
-    return np.exp(-d2 / med)
-
-
-def hsic(t, y, max_samples=512, seed=0):
-    """Normalized HSIC with RBF kernels (median-heuristic bandwidth), in [0, 1].
-
-        HSIC(K, L) = tr(K H L H) / (n − 1)²,   H = I − 11ᵀ/n
-        nHSIC = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))
-
-    Class labels use the delta kernel ``L_ab = [y_a = y_b]``. At most `max_samples`
-    samples (a fixed random subset). A constant `t` or `y` gives 0.
-    """
-    t = _as_2d(t)
-    kind, lab = label_kind(y)
-    n = t.shape[0]
-    if n > max_samples:
-        idx = np.sort(np.random.default_rng(seed).choice(n, max_samples, replace=False))
-        t, lab = t[idx], lab[idx]
-        n = max_samples
-    if n < 2:
-        return 0.0
-    k = _rbf_gram(t)
-    if kind == "classes":
-        ell = (lab[:, None] == lab[None, :]).astype(np.float64)
-    else:
-        ell = _rbf_gram(lab)
-    h = np.eye(n) - 1.0 / n
-    kc, lc = h @ k @ h, h @ ell @ h
-    kl, kk, ll = np.sum(kc * lc), np.sum(kc * kc), np.sum(lc * lc)
-    if kk <= 1e-12 or ll <= 1e-12:
-        return 0.0
-    return float(np.clip(kl / np.sqrt(kk * ll), 0.0, 1.0))
-
-
-ESTIMATORS = ("gaussian", "binned", "hsic")
-
-
-def check_estimator(name):
-    """Validates an estimator name (`"gaussian"`, `"binned"`, `"hsic"`)."""
-    if name not in ESTIMATORS:
-        raise ValueError(
-            f"Unknown estimator. Expected one of {ESTIMATORS}. Received: estimator={name!r}"
-        )
-    return name
-
-
-def unit_mi(t, y, estimator="gaussian", bins=30, shrinkage=DEFAULT_SHRINKAGE):
-    """Per-unit ``I(T_j; Y)`` with the chosen estimator (HSIC: per-unit nHSIC)."""
-    check_estimator(estimator)
-    if estimator == "gaussian":
-        return unit_relevance(t, y, shrinkage)
-    if estimator == "binned":
-        return binned_mi(t, y, bins)
-    t = _as_2d(t)
-    return np.array([hsic(t[:, j : j + 1], y, max_samples=256) for j in range(t.shape[1])])
-
-
-def layer_mi(t, y, estimator="gaussian", bins=30, shrinkage=DEFAULT_SHRINKAGE):
-    """Layer ``I(T; Y)`` with the chosen estimator (binned: joint-code plug-in)."""
-    check_estimator(estimator)
-    if estimator == "gaussian":
-        return gaussian_mi(t, y, shrinkage)
-    if estimator == "hsic":
-        return hsic(t, y)
-    codes = _bin(t, bins)
-    _, inv = np.unique(codes, axis=0, return_inverse=True)
-    inv = inv.reshape(-1)
-    kind, lab = label_kind(y)
-    if kind == "continuous":
-        lab = _bin(lab[:, :1], bins)[:, 0]
-    cond = sum(
-        np.mean(lab == c) * _entropy_of_codes(inv[lab == c]) for c in np.unique(lab)
-    )
-    return float(max(_entropy_of_codes(inv) - cond, 0.0))
+    sigma_w = _shrink(tc.T @ tc / n - sigma_b, shrinkage)
+    sigma_t = 0.5 * (sigma_b + sigma_b.T) + sigma_w
+    kappa = 0.5 * (np.diag(_precision(sigma_w)) - np.diag(_precision(sigma_t)))
+    return np.maximum(_finite(kappa), 0.0)

@@ -101,24 +101,34 @@ def _topk_flat(flat, sparsity, respect_pruned):
     return keep
 
 
-def apply_masks(wrapper, masks, zero_weights=True):
+def apply_masks(wrapper, masks, weights=None, zero_weights=True):
     """Assigns `masks` (numpy arrays) to `wrapper.masks` and zeroes the pruned weights.
 
-    Zeroing the stored weights keeps checkpoints and saved files sparse; with an
-    all-ones mask nothing changes.
+    Args:
+        wrapper: a built `PruneWrapper`.
+        masks: one 0/1 array per prunable weight.
+        weights: optional new values of the prunable weights (e.g. re-fitted survivors).
+        zero_weights: multiply the stored weights by the masks, so checkpoints and saved
+            files are sparse; with an all-ones mask nothing changes.
     """
     if len(masks) != len(wrapper.masks):
         raise ValueError(
             f"Expected {len(wrapper.masks)} masks for layer '{wrapper.name}'. "
             f"Received: {len(masks)} masks"
         )
-    for w, m_var, m in zip(wrapper.prunable_weights, wrapper.masks, masks):
+    weights = weights or [None] * len(masks)
+    for w, m_var, m, new in zip(wrapper.prunable_weights, wrapper.masks, masks, weights):
         m = np.asarray(m, dtype=np.float32).reshape(tuple(m_var.shape))
         if not np.all((m == 0.0) | (m == 1.0)):
             raise ValueError(f"Masks must hold only 0 and 1 (layer '{wrapper.name}').")
         m_var.assign(m)
-        if zero_weights:
-            w.assign(ops.convert_to_numpy(w.value) * m.astype(ops.convert_to_numpy(w).dtype))
+        if new is not None:
+            new = np.asarray(new).reshape(tuple(w.shape))
+            if not np.all(np.isfinite(new)):
+                raise ValueError(f"Non-finite weights for layer '{wrapper.name}'.")
+        if zero_weights or new is not None:
+            value = ops.convert_to_numpy(w.value) if new is None else new
+            w.assign((value * m.astype(value.dtype)).astype(w.dtype))
 
 
 def rezero(wrapper):

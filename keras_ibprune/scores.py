@@ -1,12 +1,19 @@
 """Scores: statistics of a layer -> importance of each prunable weight (or unit).
 
-A `Score` maps a `LayerStats` to one array per prunable weight (same shapes; higher
+A `Score` maps a `stats.LayerStats` to one array per prunable weight (same shapes; higher
 means keep). Channel-granularity pruning asks `unit_scores` for one value per output
-unit instead. Scores declare what statistics they need (`needs_data`,
-`needs_gradients`); the `Pruner` collects only that.
+unit instead. A score declares what it needs: `statistics` (names from
+`stats.STATISTICS`, computed in one compiled pass over the held-out batch),
+`needs_activations` (full eager capture), `needs_gradients` (loss gradients w.r.t. the
+weights) and `needs_labels`; the `Pruner` collects only that. A score may also
+`reconstruct` the surviving weights after the masks are chosen.
 
-String aliases resolve through `get()`: ``"magnitude"``, ``"random"`` here; the
-information-bottleneck scores register more.
+Scores here: ``"magnitude"`` (alias ``"l1"`` for units), ``"random"``, ``"activation"``
+(Wanda), ``"gradient"``, ``"taylor"``, ``"bn_gamma"``, ``"apoz"``. The information scores
+(``"ib"``, ``"obs"``, ``"gaussian_obd"``) live in `keras_ibprune.information`.
+
+Every score is Keras-serializable; `get` resolves an alias, a class name, a config dict
+or an instance, and `serialize` / `deserialize` round-trip.
 
 Example:
 
@@ -23,33 +30,54 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+from keras import ops
 
-_SCORES: dict[str, type] = {}
+from keras_ibprune import _keras_compat
+
+_ALIASES: dict[str, type] = {}
 
 
 def register_score(name):
-    """Class decorator registering a `Score` subclass under a string alias."""
+    """Class decorator: registers a `Score` under `name` and as a Keras serializable."""
 
     def deco(cls):
-        _SCORES[name] = cls
-        return cls
+        _ALIASES[name] = cls
+        return keras.saving.register_keras_serializable(package="keras_ibprune")(cls)
 
     return deco
+
+
+def aliases():
+    """Sorted names accepted by `get`."""
+    return sorted(_ALIASES)
 
 
 class Score:
     """Base class for pruning scores.
 
     Subclasses implement `__call__(stats) -> list[np.ndarray]` (one score array per
-    prunable weight) and/or `unit_scores(stats) -> np.ndarray` (one value per output
-    unit, for `granularity="channel"`). Override `score_model(stats_list)` for scores
-    that need every layer at once.
+    prunable weight) and/or `unit_scores(stats) -> np.ndarray` (one value per output unit,
+    for `granularity="channel"`). Override `score_model(stats_list)` for scores that need
+    every layer at once, and `reconstruct(stats, masks)` to re-fit surviving weights.
+
+    Attributes:
+        statistics: names from `stats.STATISTICS` this score reads from `stats.summary`.
+        needs_activations: full eager activations in `stats.inputs/preacts/outputs`.
+        needs_gradients: loss gradients w.r.t. the weights in `stats.grads`.
+        needs_labels: held-out labels are required (label-free mode supplies them).
+        default_allocation: allocation used when the user gives none.
     """
 
-    needs_data = False
-    needs_labels = False
+    statistics: tuple = ()
+    needs_activations = False
     needs_gradients = False
-    needs_summaries = False
+    needs_labels = False
+    default_allocation = "uniform"
+
+    @property
+    def needs_data(self):
+        """Whether the score reads held-out data at all."""
+        return bool(self.statistics or self.needs_activations or self.needs_gradients)
 
     def __call__(self, stats):
         raise NotImplementedError(f"{type(self).__name__} does not score weights.")
@@ -67,8 +95,13 @@ class Score:
             return [self.unit_scores(s) for s in stats_list]
         return [self(s) for s in stats_list]
 
-    def reset(self):
-        """Forgets state kept across updates (called in `on_train_begin`)."""
+    def reconstruct(self, stats, masks):
+        """New values of the prunable weights once `masks` are chosen, or None (keep)."""
+        return None
+
+    def logs(self):
+        """Quantities to add to the epoch logs (information scores)."""
+        return {}
 
     def get_config(self):
         return {}
@@ -82,9 +115,12 @@ class Score:
 
 
 @register_score("magnitude")
-@keras.saving.register_keras_serializable(package="keras_ibprune")
 class MagnitudeScore(Score):
-    """`|w|` (Han et al., 2015). Unit score: L1 norm of the unit's fan-in (Li et al., 2017)."""
+    """`|w|` (Han et al., 2015). Unit score: L1 norm of the unit's fan-in (Li et al., 2017).
+
+    Alias ``"l1"`` names the same score for channel pruning ("Pruning Filters for Efficient
+    ConvNets"): a filter's L1 norm ``Σ_i |w_ij|``.
+    """
 
     def __call__(self, stats):
         return [np.abs(w) for w in stats.weights]
@@ -94,8 +130,11 @@ class MagnitudeScore(Score):
         return np.abs(w).reshape(-1, w.shape[-1]).sum(axis=0)
 
 
+_ALIASES["l1"] = MagnitudeScore
+L1Score = MagnitudeScore  # the name used before 0.2
+
+
 @register_score("random")
-@keras.saving.register_keras_serializable(package="keras_ibprune")
 class RandomScore(Score):
     """Uniform random scores, fixed per (seed, layer, weight): a baseline.
 
@@ -113,52 +152,38 @@ class RandomScore(Score):
         return [self._rng(stats, j).random(np.shape(w)) for j, w in enumerate(stats.weights)]
 
     def unit_scores(self, stats):
-        n = stats.wrapper.unit_mask.shape[0]
-        return self._rng(stats, 99).random(n)
+        return self._rng(stats, 99).random(stats.wrapper.unit_mask.shape[0])
 
     def get_config(self):
         return {"seed": self.seed}
 
 
-def _summary(stats):
-    return (stats.extra or {}).get("summary")
-
-
-def _activation_name(layer):
-    act = getattr(layer, "activation", None)
-    return getattr(act, "__name__", str(act)) if act is not None else "linear"
-
-
 @register_score("activation")
-@keras.saving.register_keras_serializable(package="keras_ibprune")
 class ActivationScore(Score):
-    """Wanda-style `|w_ij| · ‖x_i‖` (Sun et al., 2023): weight times input RMS on held-out data.
+    """Wanda `|w_ij| · ‖x_i‖` (Sun et al., 2023): weight times input RMS on held-out data.
 
     Dense/Conv layers use the input features (conv: patch entries) of the held-out batch;
     other layers fall back to `|w|`.
     """
 
-    needs_data = True
-    needs_summaries = True
+    statistics = ("x2",)
     default_allocation = "erk"
 
     def __call__(self, stats):
-        s = _summary(stats)
+        x2 = stats.summary.get("x2")
         out = []
         for j, w in enumerate(stats.weights):
-            if j == 0 and s is not None and "x2" in s:
-                out.append(np.abs(w) * np.sqrt(np.maximum(s["x2"], 0.0))[..., None])
+            if j == 0 and x2 is not None:
+                out.append(np.abs(w) * np.sqrt(np.maximum(x2, 0.0))[..., None])
             else:
                 out.append(np.abs(w))
         return out
 
 
 @register_score("gradient")
-@keras.saving.register_keras_serializable(package="keras_ibprune")
 class GradientScore(Score):
     """`|∂L/∂w|` on the held-out batch (needs a compiled loss and labels)."""
 
-    needs_data = True
     needs_labels = True
     needs_gradients = True
     default_allocation = "erk"
@@ -168,11 +193,9 @@ class GradientScore(Score):
 
 
 @register_score("taylor")
-@keras.saving.register_keras_serializable(package="keras_ibprune")
 class TaylorScore(Score):
     """First-order Taylor `|w · ∂L/∂w|` (Molchanov et al., 2017/2019)."""
 
-    needs_data = True
     needs_labels = True
     needs_gradients = True
     default_allocation = "erk"
@@ -181,222 +204,89 @@ class TaylorScore(Score):
         return [np.abs(w * g) for w, g in zip(stats.weights, stats.grads)]
 
 
-@register_score("ib")
-@keras.saving.register_keras_serializable(package="keras_ibprune")
-class IBScore(Score):
-    """Information-bottleneck score: nats of label information lost per removed weight.
+# ------------------------------------------------------------------- unit scores
+def following_batchnorm(wrapper):
+    """The BatchNormalization layer consuming `wrapper`'s output, if it is the only one."""
+    bns = [o for o in _keras_compat.outbound_layers(wrapper)
+           if isinstance(o, keras.layers.BatchNormalization)]
+    return bns[0] if len(bns) == 1 else None
 
-    For a wrapped layer with output ``T`` (post-activation; logits for a softmax layer)
-    the held-out batch gives the Gaussian sensitivity of ``I(T; Y)`` to noise in unit j
-    (`estimators.noise_sensitivity`, joint over the layer's units, so redundant copies
-    are cheap to damage):
 
-        κ_j = ½ ((Σ_w⁻¹)_jj − (Σ_t⁻¹)_jj)                      [nats / variance]
+@register_score("bn_gamma")
+class BNGammaScore(Score):
+    """`|γ_j|` of the BatchNormalization that directly follows the layer (network slimming,
+    Liu et al., 2017). Layers without a following BatchNormalization fall back to the L1
+    norm, scaled to the same mean so the two are comparable."""
 
-    Removing ``w_ij`` adds ``−w_ij x_i`` to the pre-activation of unit j, a perturbation
-    of energy ``δ_ij = w_ij² E[x_i²]`` at each of the ``P`` output positions the weight is
-    used at (``P = 1`` for Dense, ``H_out·W_out`` for Conv2D). To first order the label
-    information lost, counted per input (positions treated as independent uses), is
-
-        ΔI_ij = ½ κ_j · w_ij² · E[x_i²] · P                     [nats]
-
-    a Gaussian-channel Optimal Brain Damage whose curvature is the Fisher information of
-    ``Y`` about the unit (not the loss Hessian), and whose ``|w|·‖x‖`` factor is Wanda's.
-    The input energy is not gated by the activation (a unit that is off now may be on
-    after fine-tuning; gating measured worse on LeNet-5). Scores are nats for every
-    layer, so the ``"ib"`` allocation water-fills them across layers. They are smoothed
-    across updates with an EMA (`ema`).
-
-    Unit scores (``granularity="channel"``): ``u_j − β ū I(X; T_j) / Ī(X; T)`` with the
-    unique relevance ``u_j = ½ log((Σ_w⁻¹)_jj / (Σ_t⁻¹)_jj)``, the noise-floor compression
-    ``I(X; T_j) = ½ log(1 + var(T_j)/σ²)`` expressed in units of the layer's mean relevance
-    ``ū`` (bars: layer means), and constant (dead) units ranked last.
-
-    Logs: ``I_TY/<layer>`` (Gaussian ``I(T; Y)`` of the per-sample output, conv outputs
-    averaged over positions) and ``I_XT/<layer>`` (``½ log det(I + Σ_t/σ²)``).
-
-    Args:
-        estimator: `"gaussian"` (default), `"binned"` or `"hsic"` for relevance and logs;
-            with the non-Gaussian estimators ``κ_j = I(T_j; Y) / var(T_j)``.
-        beta: weight of the compression term in unit scores (default 0.05 nats/nat).
-        noise_var: σ² of the noise floor for ``I(X; T)`` (in units of the activations).
-        shrinkage: covariance shrinkage λ of the Gaussian estimator.
-        ema: smoothing factor across updates (0 = no smoothing).
-        joint: use the joint (unique) sensitivity; False = marginal per-unit.
-        max_rows: rows (samples × conv positions) kept per layer.
-        seed: seed of the conv position subsample.
-
-    References: Tishby et al. (2000); Shwartz-Ziv & Tishby (2017); Dai et al. (2018),
-    variational IB pruning; LeCun et al. (1990), Optimal Brain Damage; Sun et al. (2023),
-    Wanda; Evci et al. (2020), ERK (the floors of the "ib" allocation).
-
-    Example:
-
-    ```python
-    cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.98, 0, 4), score=IBScore(ema=0.7),
-                       held_out=(x_val, y_val))          # allocation "ib" by default
-    ```
-    """
-
-    needs_data = True
-    needs_labels = True
-    needs_summaries = True
-    default_allocation = "ib"
-
-    def __init__(self, estimator="gaussian", beta=0.05, noise_var=1e-2, shrinkage=0.05,
-                 ema=0.5, joint=True, max_rows=8192, seed=0):
-        from keras_ibprune import estimators
-
-        self.estimator = estimators.check_estimator(estimator)
-        self.beta, self.noise_var, self.shrinkage = float(beta), float(noise_var), float(shrinkage)
-        if not 0.0 <= float(ema) < 1.0:
-            raise ValueError(f"`ema` must be in [0, 1). Received: ema={ema!r}")
-        self.ema, self.joint = float(ema), bool(joint)
-        self.max_rows, self.seed = int(max_rows), int(seed)
-        self.reset()
-
-    def reset(self):
-        self._ema, self._logs = {}, {}
-
-    def get_config(self):
-        return {"estimator": self.estimator, "beta": self.beta, "noise_var": self.noise_var,
-                "shrinkage": self.shrinkage, "ema": self.ema, "joint": self.joint,
-                "max_rows": self.max_rows, "seed": self.seed}
-
-    def logs(self):
-        return dict(self._logs)
-
-    # ------------------------------------------------------------------ helpers
-    def _unit_t(self, stats, s):
-        if _activation_name(stats.wrapper.layer) == "softmax":
-            return s["z"], s["labels"]
-        return s["t"], s["labels"]
-
-    def _kappa(self, stats, s):
-        """κ_j per unit, plus the layer's Gaussian `(cov, info)` for reuse by `measure`."""
-        from keras_ibprune import estimators as est
-
-        t, lab = self._unit_t(stats, s)
-        if self.estimator != "gaussian":
-            r = est.unit_mi(t, lab, self.estimator, shrinkage=self.shrinkage)
-            return r / np.maximum(t.var(axis=0), 1e-12), None
-        cov = est.covariances(t, lab, self.shrinkage)
-        info = est.gaussian_layer(None, None, cov=cov)
-        if self.joint:
-            return info["kappa"], (cov, info)
-        st, sw = cov
-        return np.maximum(0.5 * (1.0 / np.diag(sw) - 1.0 / np.diag(st)), 0.0), (cov, info)
-
-    def measure(self, stats, cached=None):
-        """Refreshes the logged ``I(T; Y)`` and ``I(X; T)`` of one layer; returns both.
-
-        ``I(T; Y)``: Gaussian (or the chosen estimator) on the per-sample output (conv:
-        spatial mean; softmax layer: logits). ``I(X; T) = ½ log det(I + Σ_t/σ²)``.
-        """
-        from keras_ibprune import estimators as est
-
-        s = _summary(stats)
-        if s is None or s["sample_labels"] is None:
-            return None
-        name = stats.wrapper.layer.name
-        softmax = _activation_name(stats.wrapper.layer) == "softmax"
-        if cached is not None and s["positions"] == 1 and self.estimator == "gaussian":
-            (st, _), info = cached
-            ity = info["mi"]
-            c = st / max(self.noise_var, 1e-12)
-            c[np.diag_indices(len(c))] += 1.0
-            ixt = 0.5 * est._logdet(c)
-        else:
-            if softmax:
-                tm = s["z"][np.unique(s["rows"], return_index=True)[1]]
-            else:
-                tm = s["t_mean"]
-            ity = est.layer_mi(tm, s["sample_labels"], self.estimator,
-                               shrinkage=self.shrinkage)
-            ixt = est.gaussian_compression(tm, self.noise_var, per_unit=False)
-        self._logs[f"I_TY/{name}"] = float(ity)
-        self._logs[f"I_XT/{name}"] = float(max(ixt, 0.0))
-        return ity, ixt
-
-    def _smooth(self, key, value):
-        old = self._ema.get(key)
-        if old is not None and old.shape == value.shape and self.ema > 0:
-            value = self.ema * old + (1.0 - self.ema) * value
-        self._ema[key] = value
-        return value
-
-    # ------------------------------------------------------------------- scores
     def __call__(self, stats):
-        s = _summary(stats)
-        if s is None or s["labels"] is None:
-            return [np.abs(w) for w in stats.weights]
-        kappa, cached = self._kappa(stats, s)
-        self.measure(stats, cached)
-        out = []
-        for j, w in enumerate(stats.weights):
-            w2 = np.square(w.astype(np.float64))
-            if j == 0 and "x2" in s:
-                d = 0.5 * kappa * w2 * s["x2"][..., None] * s["positions"]
-            else:  # other layers: weight energy relative to the unit's fan-in energy
-                d = self._fallback(w2, kappa, s)
-            out.append(self._smooth((stats.index, j), np.nan_to_num(d, nan=0.0, posinf=0.0)))
-        return out
-
-    @staticmethod
-    def _fallback(w2, kappa, s):
-        """Layers without an input/kernel mapping (attention, RNN, embedding, depthwise...).
-
-        ``½ κ_j var(T_j) w_ij² / Σ_i w_ij²`` when the kernel's last axis is the layer's
-        output units; otherwise the layer's mean ``κ var(T)`` times ``w² / mean(w²)``.
-        """
-        if w2.ndim < 2:
-            return w2
-        var = s["t"].var(axis=0)
-        if w2.shape[-1] == kappa.shape[0]:
-            fan = w2.reshape(-1, w2.shape[-1]).sum(axis=0)
-            return 0.5 * kappa * var * w2 / np.maximum(fan, 1e-12)
-        scale = 0.5 * float(np.mean(kappa * var))
-        return scale * w2 / max(float(np.mean(w2)), 1e-12) / max(w2.size, 1)
+        return [np.abs(w) for w in stats.weights]
 
     def unit_scores(self, stats):
-        from keras_ibprune import estimators as est
+        l1 = MagnitudeScore().unit_scores(stats)
+        bn = following_batchnorm(stats.wrapper)
+        gamma = None if bn is None or bn.gamma is None else ops.convert_to_numpy(bn.gamma.value)
+        if gamma is None or gamma.shape[0] != l1.shape[0]:
+            return l1 / (np.mean(l1) + 1e-12)
+        g = np.abs(gamma).astype(np.float64)
+        return g / (np.mean(g) + 1e-12)
 
-        s = _summary(stats)
-        if s is None or s["sample_labels"] is None:
-            return MagnitudeScore().unit_scores(stats)
-        self.measure(stats)
-        tm = s["t_mean"]
-        if self.estimator == "gaussian":
-            rel = est.unique_relevance(tm, s["sample_labels"], self.shrinkage)
-        else:
-            rel = est.unit_mi(tm, s["sample_labels"], self.estimator)
-        comp = est.gaussian_compression(tm, self.noise_var)
-        # β weighs compression in units of the layer's typical relevance, so a wide layer
-        # whose unique relevances are all tiny is not ranked by compression alone.
-        comp = comp / (np.mean(comp) + 1e-12) * (np.mean(np.abs(rel)) + 1e-12)
-        score = rel - self.beta * comp
-        var = np.var(np.asarray(tm, np.float64), axis=0)
-        dead = var <= 1e-10 * max(float(var.max()), 1e-30)
-        if dead.any() and not dead.all():  # a constant unit carries nothing: rank it last
-            score = np.where(dead, score[~dead].min() - 1.0, score)
-        return self._smooth((stats.index, "units"), score)
+
+@register_score("apoz")
+class APoZScore(Score):
+    """`1 - APoZ_j`: the fraction of held-out samples (and positions) where unit `j` is
+    non-zero after its activation (Hu et al., 2016, "Network Trimming"). A small mean
+    `|output|` term breaks ties between always-active units."""
+
+    needs_activations = True
+
+    def __call__(self, stats):
+        return [np.abs(w) for w in stats.weights]
+
+    def unit_scores(self, stats):
+        out = stats.outputs
+        if out is None:
+            raise ValueError(
+                "The 'apoz' score needs held-out activations: pass `held_out=(x_val, y_val)`."
+            )
+        out = np.asarray(out, np.float64).reshape(-1, np.shape(out)[-1])
+        active = np.mean(np.abs(out) > 1e-12, axis=0)
+        mag = np.mean(np.abs(out), axis=0)
+        return active + 1e-3 * mag / (np.max(mag) + 1e-12)
+
+
+# ---------------------------------------------------------------------- registry
+def serialize(score):
+    """Keras config of a `Score` (see `keras.saving.serialize_keras_object`)."""
+    return keras.saving.serialize_keras_object(score)
+
+
+def deserialize(config):
+    """A `Score` from `serialize`'s output."""
+    obj = keras.saving.deserialize_keras_object(config)
+    if not isinstance(obj, Score):
+        raise ValueError(f"The config does not describe a Score. Received: config={config!r}")
+    return obj
 
 
 def get(identifier):
-    """Returns a `Score` from an alias, a `Score` instance, or a serialized config.
+    """Returns a `Score` from an alias, a class name, a `Score` instance or a config dict.
 
     Raises:
         ValueError: for unknown names or objects.
     """
+    import keras_ibprune.information  # noqa: F401  (registers "ib", "obs", "gaussian_obd")
+
     if isinstance(identifier, Score):
         return identifier
-    if isinstance(identifier, str) and identifier in _SCORES:
-        return _SCORES[identifier]()
+    if isinstance(identifier, str):
+        if identifier in _ALIASES:
+            return _ALIASES[identifier]()
+        by_class = {cls.__name__: cls for cls in _ALIASES.values()}
+        if identifier in by_class:
+            return by_class[identifier]()
     if isinstance(identifier, dict):
-        obj = keras.saving.deserialize_keras_object(identifier)
-        if isinstance(obj, Score):
-            return obj
+        return deserialize(identifier)
     raise ValueError(
-        f"Unknown score. Expected one of {sorted(_SCORES)} or a keras_ibprune.scores.Score "
-        f"instance. Received: score={identifier!r}"
+        f"Unknown score. Expected one of {aliases()}, a Score class name, a config dict or a "
+        f"keras_ibprune.Score instance. Received: score={identifier!r}"
     )

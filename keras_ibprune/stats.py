@@ -1,15 +1,27 @@
-"""Statistics for scores: activations captured on the held-out batch in one pass.
+"""Statistics for scores: what the held-out batch says about every wrapped layer.
 
-(`heldout` turns user data into the validated arrays used here.)
+`StatisticsPass` is built once per `Pruner` and reused at every update. On the
+TensorFlow backend each batch runs inside one `tf.function` (traced once): the forward
+pass with every `PruneWrapper` recording `(input, pre-activation, output)`, the
+log-likelihood of a label sampled from the model's own prediction, its gradient with
+respect to every layer's pre-activation, and the per-layer sufficient statistics. Only
+those statistics leave the function (``O(Σ d_in² + d_in·units)`` numbers per layer); they
+are summed over batches on the device and converted to numpy once. Other backends run
+the same computation eagerly.
 
-- `collect` runs the model once over the held-out samples (eagerly, in batches) with every
-  `PruneWrapper` in capture mode and builds one `LayerStats` per wrapper. Scores that set
-  `needs_summaries` get compact per-layer summaries (`summarize`) instead of full
-  activations, so memory stays bounded by held-out size × widest layer.
+Per Dense / Conv1D / Conv2D layer (inputs ``x`` are the im2col rows feeding one output
+position, in the kernel's ``(kh, kw, c_in)`` layout; ``g = ∂ log p(ŷ|x) / ∂z`` with
+``ŷ ~ p(·|x)``, the model's predictive distribution; ``P`` output positions):
 
-Conv layers: outputs are summarized per channel, with a fixed random subset of output
-positions per sample used as extra samples (and their per-sample spatial mean); inputs as
-the patches (`kh·kw·c_in` features) feeding those positions.
+- ``x2``: ``E[x_i²]`` (Wanda's input energy), exact over all rows;
+- ``gram``: ``H = E[x xᵀ]`` over a fixed, stratified subset of at most `max_rows` rows;
+- ``fisher``: ``F_j = Σ_p E[g_pj²]``, the Fisher information of the prediction about
+  unit ``j`` (summed over the positions that share its weights);
+- ``fisher_x2``: ``D_ij = Σ_p E[g_pj² x_pi²]``, the exact diagonal Fisher of weight ``w_ij``.
+
+Every layer also gets ``z2 = E[z_j²]`` and, when asked, ``t_mean`` (per-sample output
+averaged over positions, for information estimates) and sampled pre-activation / output
+rows. `capture` (full activations, eager) and `weight_gradients` serve custom scores.
 """
 
 from __future__ import annotations
@@ -20,6 +32,8 @@ import keras
 import numpy as np
 from keras import ops
 
+STATISTICS = ("x2", "gram", "fisher", "fisher_x2", "t_mean", "rows")
+
 
 @dataclasses.dataclass
 class LayerStats:
@@ -29,33 +43,35 @@ class LayerStats:
         wrapper: the `PruneWrapper`.
         weights: numpy copies of the prunable weights (unmasked).
         masks: numpy copies of the current masks.
-        inputs: held-out inputs of the layer, `(n, ...)`, or None.
-        preacts: pre-activation outputs (after bias), or None.
-        outputs: outputs (after activation and unit mask), or None.
-        labels: held-out labels `(n,)` int or `(n, k)` float, or None.
-        grads: gradients of the loss w.r.t. each prunable weight, or None.
         index: position of the wrapper in the model's wrapper list.
-        extra: more statistics; `extra["summary"]` holds the `summarize` dict.
+        labels: held-out labels `(n,)` int or `(n, k)` float, or None.
+        summary: dict of the statistics named in `STATISTICS` plus `kind` (`"dense"`,
+            `"conv"` or `"other"`), `positions` and `z2`; empty without held-out data.
+        inputs, preacts, outputs: full activations (only for scores that ask for them).
+        grads: loss gradients w.r.t. each prunable weight (gradient scores only).
+        extra: free room for custom scores.
     """
 
     wrapper: object
     weights: list
     masks: list
+    index: int = 0
+    labels: np.ndarray | None = None
+    summary: dict = dataclasses.field(default_factory=dict)
     inputs: np.ndarray | None = None
     preacts: np.ndarray | None = None
     outputs: np.ndarray | None = None
-    labels: np.ndarray | None = None
     grads: list | None = None
-    index: int = 0
     extra: dict = dataclasses.field(default_factory=dict)
 
 
 def find_wrappers(model):
     """All `PruneWrapper`s in `model` (nested models and subclassed attributes included)."""
+    from keras_ibprune import _keras_compat
     from keras_ibprune.wrapper import PruneWrapper
 
     seen, out = set(), []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _keras_compat.all_layers(model):
         if isinstance(layer, PruneWrapper) and id(layer) not in seen:
             seen.add(id(layer))
             out.append(layer)
@@ -66,215 +82,319 @@ def _np(x):
     return None if x is None else np.asarray(ops.convert_to_numpy(x))
 
 
-def _run_captured(model, x, wrappers, batch_size, on_batch):
-    records = {id(w): [] for w in wrappers}
-    try:
-        for w in wrappers:
-            w._capture = records[id(w)]
-        n = len(x) if not isinstance(x, (list, tuple, dict)) else None
-        starts = [0] if n is None else range(0, n, batch_size)
-        for b, i in enumerate(starts):
-            model(x if n is None else x[i : i + batch_size], training=False)
-            for w in wrappers:
-                rec = records[id(w)]
-                on_batch(w, b, i, [tuple(_np(p) for p in r) for r in rec])
-                del rec[:]
-    finally:
-        for w in wrappers:
-            w._capture = None
-
-
-def capture(model, x, wrappers, batch_size=256):
-    """Runs `model` on `x` once and returns, per wrapper, `(inputs, preacts, outputs)`.
-
-    Reused layers (called more than once per forward pass) contribute every call,
-    concatenated along the sample axis.
-    """
-    parts = {id(w): [] for w in wrappers}
-    _run_captured(model, x, wrappers, batch_size, lambda w, b, i, rec: parts[id(w)].extend(rec))
-    out = []
-    for w in wrappers:
-        rec = parts[id(w)]
-        if not rec:
-            out.append((None, None, None))
-            continue
-        out.append(tuple(np.concatenate(col, axis=0) for col in zip(*rec)))
-    return out
-
-
-# ----------------------------------------------------------------- summaries
-def _kind(layer):
+def layer_kind(layer):
+    """`"dense"`, `"conv"` (channels_last Conv1D/2D, groups 1) or `"other"`."""
     L = keras.layers
     if isinstance(layer, L.Dense):
         return "dense"
-    plain = (L.Conv1D, L.Conv2D)
     skip = (L.Conv1DTranspose, L.Conv2DTranspose, L.DepthwiseConv1D, L.DepthwiseConv2D,
             L.SeparableConv1D, L.SeparableConv2D)
-    if isinstance(layer, plain) and not isinstance(layer, skip):
+    if isinstance(layer, (L.Conv1D, L.Conv2D)) and not isinstance(layer, skip):
         if getattr(layer, "data_format", "channels_last") == "channels_last" and getattr(
             layer, "groups", 1
-        ) == 1:
+        ) == 1 and layer.padding != "causal":
             return "conv"
     return "other"
 
 
-def _conv_patches(x, layer, out_hw, sample_idx, pos_idx):
-    """Input patches `(m, kh*kw*c)` of a channels_last Conv1D/2D at given output positions."""
-    if x.ndim == 3:  # Conv1D -> 2-D with height 1
-        x = x[:, None]
-    k = tuple(layer.kernel_size) if layer.rank == 2 else (1, layer.kernel_size[0])
-    s = tuple(layer.strides) if layer.rank == 2 else (1, layer.strides[0])
-    d = tuple(layer.dilation_rate) if layer.rank == 2 else (1, layer.dilation_rate[0])
-    ho, wo = out_hw
-    pads = []
-    for size, kk, ss, dd, o in zip(x.shape[1:3], k, s, d, (ho, wo)):
-        need = max((o - 1) * ss + (kk - 1) * dd + 1 - size, 0)
-        if layer.padding == "valid":
-            need = 0
-        before = need if layer.padding == "causal" else need // 2
-        pads.append((before, need - before))
-    xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    oh, ow = pos_idx // wo, pos_idx % wo
-    rows = oh[:, None] * s[0] + np.arange(k[0])[None] * d[0]
-    cols = ow[:, None] * s[1] + np.arange(k[1])[None] * d[1]
-    p = xp[sample_idx[:, None, None], rows[:, :, None], cols[:, None, :], :]
-    return p.reshape(len(sample_idx), -1)
+# --------------------------------------------------------------- per-layer math
+def _rows(x, layer, kind):
+    """Input rows `(b, P, d_in)` feeding each output position (im2col for convs)."""
+    if kind == "dense":
+        return ops.reshape(x, (ops.shape(x)[0], -1, ops.shape(x)[-1]))
+    if layer.rank == 1:
+        x = ops.expand_dims(x, 1)
+        size, strides, dil = (1, layer.kernel_size[0]), (1, layer.strides[0]), (
+            1, layer.dilation_rate[0])
+    else:
+        size, strides, dil = layer.kernel_size, layer.strides, layer.dilation_rate
+    if tuple(size) == (1, 1) and layer.padding == "valid":
+        p = x[:, :: strides[0], :: strides[1], :]
+    else:
+        p = ops.image.extract_patches(x, tuple(size), strides=tuple(strides),
+                                      dilation_rate=tuple(dil), padding=layer.padding)
+    return ops.reshape(p, (ops.shape(p)[0], -1, ops.shape(p)[-1]))
 
 
-class _Summary:
-    """Accumulates one wrapper's compact statistics over batches."""
-
-    def __init__(self, wrapper, index, n, max_rows, seed):
-        self.w, self.index, self.n = wrapper, index, max(n, 1)
-        self.kind = _kind(wrapper.layer)
-        self.max_rows, self.seed = max_rows, seed
-        self.z, self.t, self.tm, self.rows = [], [], [], []
-        self.x2 = None
-        self.positions = 1
-        self.count = 0
-
-    def add(self, b, start, rec):
-        for call, (inp, pre, out) in enumerate(rec):
-            self._add(b, start, call, inp, pre, out)
-
-    def _add(self, b, start, call, inp, pre, out):
-        bsz = pre.shape[0]
-        d = pre.shape[-1]
-        pos = int(np.prod(pre.shape[1:-1])) if pre.ndim > 2 else 1
-        per = max(1, min(pos, -(-self.max_rows // self.n)))
-        rng = np.random.default_rng([self.seed, self.index, b, call])
-        sidx = np.repeat(np.arange(bsz), per)
-        pidx = rng.integers(0, pos, size=bsz * per) if per < pos else np.tile(np.arange(pos), bsz)
-        z = pre.reshape(bsz, pos, d)[sidx, pidx].astype(np.float32)
-        t = out.reshape(bsz, pos, d)[sidx, pidx].astype(np.float32)
-        tm = out.reshape(bsz, pos, d).mean(axis=1)
-        # A NaN/inf anywhere in a map reaches its spatial mean: checking the mean is enough.
-        for arr, what in ((z, "pre-activation"), (tm, "output")):
-            if not np.all(np.isfinite(arr)):
-                raise ValueError(
-                    f"Layer '{self.w.layer.name}' produced NaN or inf {what}s on the held-out "
-                    "data (the model may have diverged; lower the learning rate). Received: "
-                    f"{what}s of shape {pre.shape}"
-                )
-        self.z.append(z)
-        self.t.append(t)
-        self.tm.append(tm)
-        self.rows.append(start + sidx)
-        self.positions = pos
-        if self.kind == "other" or inp is None:
-            return
-        if self.kind == "conv":
-            x = _conv_patches(inp, self.w.layer, pre.shape[1:-1] if pre.ndim == 4
-                              else (1, pre.shape[1]), sidx, pidx)
-        else:
-            x = inp.reshape(bsz, pos, -1)[sidx, pidx]
-        sx2 = np.square(x, dtype=np.float64).sum(axis=0)
-        self.x2 = sx2 if self.x2 is None else self.x2 + sx2
-        self.count += len(x)
-
-    def result(self, labels):
-        if not self.z:
-            return None
-        rows = np.concatenate(self.rows)
-        out = {
-            "kind": self.kind,
-            "positions": self.positions,
-            "z": np.concatenate(self.z),
-            "t": np.concatenate(self.t),
-            "t_mean": np.concatenate(self.tm),
-            "rows": rows,
-            "labels": None if labels is None else labels[rows % len(labels)],
-            "sample_labels": labels,
-        }
-        if self.x2 is not None:
-            c = max(self.count, 1)
-            kshape = tuple(self.w.prunable_weights[0].shape)
-            out["x2"] = (self.x2 / c).reshape(kshape[:-1])
-        return out
+def _sample_positions(b, positions, k):
+    """A fixed stratified subset of `k` of `positions` output positions per sample."""
+    if k >= positions:
+        return None
+    j = ops.arange(k, dtype="int32") * (positions // k)
+    shift = (ops.arange(b, dtype="int32") * 7919) % max(positions // k, 1)
+    return (j[None, :] + shift[:, None]) % positions
 
 
-def summarize(model, x, y, wrappers, batch_size=256, max_rows=8192, seed=0):
-    """One forward pass over `x`; returns a compact summary dict per wrapper.
-
-    Keys: `kind` ("dense", "conv" or "other"); `z`/`t`: `(m, units)` pre-activations /
-    outputs at up to `max_rows` rows (samples × sampled positions, a fixed random
-    subset for a fixed `seed`); `t_mean`: `(n, units)` per-sample spatial mean output;
-    `labels`: the label of each row; for Dense/Conv `x2 = E[x_i²]` over input features in
-    the kernel's layout; `positions`: output positions per sample (1 for Dense).
-    """
-    n = len(x) if not isinstance(x, (list, tuple, dict)) else len(_first(x))
-    acc = {id(w): _Summary(w, i, n, max_rows, seed) for i, w in enumerate(wrappers)}
-    _run_captured(model, x, wrappers, batch_size, lambda w, b, i, rec: acc[id(w)].add(b, i, rec))
-    return [acc[id(w)].result(y) for w in wrappers]
+def _gather(a, idx):
+    """`a[b, idx[b, j]]` for `a` of shape `(b, P, d)` -> `(b * k, d)`."""
+    if idx is None:
+        return ops.reshape(a, (-1, ops.shape(a)[-1]))
+    g = ops.take_along_axis(a, ops.expand_dims(idx, -1), axis=1)
+    return ops.reshape(g, (-1, ops.shape(a)[-1]))
 
 
-def _first(x):
-    return next(iter(x.values())) if isinstance(x, dict) else x[0]
+def _layer_stats(wrapper, kind, recs, grads, needs, rows_per_sample):
+    """Sums over this batch for one wrapper (every call of a reused layer counts)."""
+    out = {}
+    first = True
+    for (x, z, t), g in zip(recs, grads):
+        b = ops.shape(z)[0]
+        units = z.shape[-1]
+        positions = int(np.prod(z.shape[1:-1]))  # static: the model's spatial shape
+        z3 = ops.reshape(z, (b, positions, units))
+        t3 = ops.reshape(t, (b, positions, units))
+        idx = _sample_positions(b, positions, rows_per_sample)
+        part = {"z2": ops.sum(ops.square(z3), axis=(0, 1)),
+                "rows_all": ops.cast(b * positions, "float32")}
+        if first and "t_mean" in needs:
+            part["t_mean"] = ops.mean(t3, axis=1)
+        if first and "rows" in needs:
+            part["z_rows"], part["t_rows"] = _gather(z3, idx), _gather(t3, idx)
+        g3 = None
+        if g is not None:
+            g3 = ops.reshape(g, (b, positions, units))
+            part["fisher"] = ops.sum(ops.square(g3), axis=(0, 1))
+        if kind != "other" and x is not None and needs & {"x2", "gram", "fisher_x2"}:
+            xr = _rows(x, wrapper.layer, kind)
+            part["x2"] = ops.sum(ops.square(xr), axis=(0, 1))
+            xs = _gather(xr, idx)
+            part["rows_sampled"] = ops.cast(ops.shape(xs)[0], "float32")
+            if "gram" in needs:
+                part["gram"] = ops.matmul(ops.transpose(xs), xs)
+            if "fisher_x2" in needs and g3 is not None:
+                gs = _gather(g3, idx)
+                part["fisher_x2"] = ops.matmul(ops.transpose(ops.square(xs)), ops.square(gs))
+        for k, v in part.items():
+            out[k] = v if k not in out or k in ("t_mean", "z_rows", "t_rows") else out[k] + v
+        out.setdefault("positions", ops.convert_to_tensor(positions, "int32"))
+        first = False
+    return out
 
 
-def collect(model, wrappers, held_out=None, activations=False, gradients=False, loss=None,
-            summaries=False, max_rows=8192, seed=0):
-    """Builds one `LayerStats` per wrapper.
+# -------------------------------------------------------------- log-likelihood
+def _output_of(outputs, output):
+    if isinstance(outputs, dict):
+        return outputs[output] if output is not None else next(iter(outputs.values()))
+    if isinstance(outputs, (list, tuple)):
+        return outputs[int(output or 0)]
+    return outputs
+
+
+def likelihood_kind(out_sample, label_kind):
+    """How model outputs define ``p(y|x)``: `"probs"`, `"logits"`, `"binary_probs"`,
+    `"binary_logits"` (classes) or `"gaussian"` (continuous targets)."""
+    o = np.asarray(out_sample, np.float64).reshape(len(out_sample), -1)
+    if label_kind != "classes":
+        return "gaussian"
+    in_unit = bool(np.all(o >= 0) and np.all(o <= 1))
+    if o.shape[1] == 1:
+        return "binary_probs" if in_unit else "binary_logits"
+    if in_unit and np.allclose(o.sum(axis=1), 1.0, atol=1e-3):
+        return "probs"
+    return "logits"
+
+
+def _log_likelihood(out, kind, u, target):
+    """Σ log p(ŷ|x) with ŷ drawn from the model by inverse CDF of the uniforms `u`
+    (`target` given: the true labels / targets instead, i.e. the empirical Fisher)."""
+    out = ops.cast(ops.reshape(out, (ops.shape(out)[0], -1)), "float32")
+    if kind == "gaussian":
+        y = out + ops.cast(u, "float32") if target is None else ops.cast(target, "float32")
+        return -0.5 * ops.sum(ops.square(ops.stop_gradient(y) - out))
+    if kind in ("binary_probs", "binary_logits"):
+        q = out[:, 0] if kind == "binary_probs" else ops.sigmoid(out[:, 0])
+        q = ops.clip(q, 1e-7, 1.0 - 1e-7)
+        y = ops.cast(u < ops.stop_gradient(q), "float32") if target is None else ops.cast(
+            ops.reshape(target, (-1,)), "float32")
+        return ops.sum(y * ops.log(q) + (1.0 - y) * ops.log(1.0 - q))
+    logp = (ops.log(ops.clip(out, 1e-12, 1.0)) if kind == "probs"
+            else ops.log_softmax(out, axis=-1))
+    if target is None:
+        cdf = ops.cumsum(ops.exp(ops.stop_gradient(logp)), axis=-1)
+        y = ops.sum(ops.cast(cdf < ops.cast(u, "float32")[:, None], "int32"), axis=-1)
+        y = ops.minimum(y, ops.shape(logp)[-1] - 1)
+    else:
+        y = ops.cast(ops.reshape(target, (-1,)), "int32")
+    return ops.sum(ops.take_along_axis(logp, ops.expand_dims(y, -1), axis=-1))
+
+
+# ------------------------------------------------------------------- the pass
+class StatisticsPass:
+    """Computes the statistics of every wrapper over held-out data; built once.
 
     Args:
-        model: the (wrapped) model.
-        wrappers: the `PruneWrapper`s to describe.
-        held_out: `(x, y)` numpy arrays or None.
-        activations: capture full inputs/pre-activations/outputs on `held_out[0]`.
-        gradients: compute loss gradients w.r.t. prunable weights on `held_out`.
-        loss: a Keras loss (needed with `gradients=True`).
-        summaries: put `summarize` dicts in `LayerStats.extra["summary"]` (one pass).
-        max_rows: rows per layer kept by `summarize`.
-        seed: seed of the position subsample.
+        model: the wrapped model.
+        wrappers: its `PruneWrapper`s.
+        needs: statistics to compute (names from `STATISTICS`).
+        output: for multi-output models, the output (index or name) whose prediction the
+            Fisher information is about.
+        fisher: `"model"` (labels sampled from the model's prediction: the Fisher
+            information) or `"empirical"` (the held-out labels).
+        max_rows: rows (samples × sampled positions) per conv layer for `gram`,
+            `fisher_x2` and `rows`.
+        batch_size: samples per traced call.
+        seed: seed of the label sampling.
     """
-    x, y = (held_out if held_out is not None else (None, None))
-    none = [(None,) * 3] * len(wrappers)
-    acts = capture(model, x, wrappers) if activations and x is not None else none
-    summ = (summarize(model, x, y, wrappers, max_rows=max_rows, seed=seed)
-            if summaries and x is not None else [None] * len(wrappers))
-    grads = _gradients(model, x, y, wrappers, loss) if gradients and x is not None else None
-    stats = []
-    for i, w in enumerate(wrappers):
-        inputs, preacts, outputs = acts[i]
-        stats.append(
-            LayerStats(
-                wrapper=w,
-                weights=[_np(v.value) for v in w.prunable_weights],
-                masks=[_np(m.value) for m in w.masks],
-                inputs=inputs,
-                preacts=preacts,
-                outputs=outputs,
-                labels=None if y is None else np.asarray(y),
-                grads=None if grads is None else grads[i],
-                index=i,
-                extra={"summary": summ[i]},
+
+    def __init__(self, model, wrappers, needs, output=None, fisher="model", max_rows=4096,
+                 batch_size=256, seed=0):
+        unknown = set(needs) - set(STATISTICS)
+        if unknown:
+            raise ValueError(f"Unknown statistics. Expected names from {STATISTICS}. "
+                             f"Received: {sorted(unknown)}")
+        if fisher not in ("model", "empirical"):
+            raise ValueError("`fisher` must be 'model' or 'empirical'. Received: "
+                             f"fisher={fisher!r}")
+        self.model, self.wrappers, self.needs = model, list(wrappers), set(needs)
+        self.output, self.fisher, self.seed = output, fisher, int(seed)
+        self.max_rows, self.batch_size = int(max_rows), int(batch_size)
+        self.kinds = [layer_kind(w.layer) for w in self.wrappers]
+        self.gradients = bool(self.needs & {"fisher", "fisher_x2"})
+        self._fn, self._key = None, None
+
+    def _batch(self, x, u, target, lik, rows_per_sample):
+        recs = {id(w): [] for w in self.wrappers}
+        try:
+            for w in self.wrappers:
+                w._capture = recs[id(w)]
+            grads = self._forward_backward(x, u, target, lik, recs)
+        finally:
+            for w in self.wrappers:
+                w._capture = None
+        out = []
+        for w, kind in zip(self.wrappers, self.kinds):
+            gs = grads.get(id(w)) or [None] * len(recs[id(w)])
+            out.append(_layer_stats(w, kind, recs[id(w)], gs, self.needs, rows_per_sample))
+        return out
+
+    def _forward_backward(self, x, u, target, lik, recs):
+        if not self.gradients:
+            self.model(x, training=False)
+            return {}
+        if keras.backend.backend() != "tensorflow":
+            raise NotImplementedError(
+                "Fisher statistics (the default 'ib' score) need the TensorFlow backend for "
+                "now; use score='magnitude' / 'activation' / 'obs' on other backends. "
+                f"Received: backend={keras.backend.backend()!r}"
             )
-        )
-    return stats
+        import tensorflow as tf  # lazily: gradients w.r.t. intermediate activations
+
+        with tf.GradientTape() as tape:
+            out = _output_of(self.model(x, training=False), self.output)
+            ll = _log_likelihood(out, lik, u, target)
+        flat = [(id(w), r[1]) for w in self.wrappers for r in recs[id(w)]]
+        g = tape.gradient(ll, [z for _, z in flat],
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = {}
+        for (key, _), gi in zip(flat, g):
+            grads.setdefault(key, []).append(gi)
+        return grads
+
+    def _compiled(self, lik, rows_per_sample, has_target):
+        key = (lik, rows_per_sample, has_target)
+        if self._fn is None or self._key != key:
+            def fn(x, u, target):
+                return self._batch(x, u, target if has_target else None, lik, rows_per_sample)
+
+            if keras.backend.backend() == "tensorflow":
+                import tensorflow as tf
+
+                fn = tf.function(fn, reduce_retracing=True, autograph=False)
+            self._fn, self._key = fn, key
+        return self._fn
+
+    def __call__(self, x, y):
+        """Returns one dict of numpy statistics per wrapper (see the module doc)."""
+        from keras_ibprune.estimators import label_kind
+
+        n = len(x)
+        kind = "classes" if y is None else label_kind(y)[0]
+        probe = _output_of(self.model(x[: min(n, 8)], training=False), self.output)
+        lik = likelihood_kind(_np(probe), kind)
+        target = None
+        if self.fisher == "empirical":
+            if y is None:
+                raise ValueError("fisher='empirical' needs held-out labels. Received: y=None")
+            target = label_kind(y)[1] if kind == "classes" else np.asarray(y, np.float32)
+        rng = np.random.default_rng(self.seed)
+        width = int(np.prod(probe.shape[1:])) if lik == "gaussian" else None
+        u = (rng.normal(size=(n, width)) if width else rng.random(n)).astype("float32")
+        rows_per_sample = max(1, -(-self.max_rows // max(n, 1)))
+        fn = self._compiled(lik, rows_per_sample, target is not None)
+        totals = None
+        for i in range(0, n, self.batch_size):
+            sl = slice(i, i + self.batch_size)
+            tb = None if target is None else ops.convert_to_tensor(target[sl])
+            parts = fn(ops.convert_to_tensor(x[sl]), ops.convert_to_tensor(u[sl]), tb)
+            if totals is None:
+                totals = [{k: [v] if k in ("t_mean", "z_rows", "t_rows") else v
+                           for k, v in p.items()} for p in parts]
+                continue
+            for tot, p in zip(totals, parts):
+                for k, v in p.items():
+                    if k in ("t_mean", "z_rows", "t_rows"):
+                        tot[k].append(v)
+                    elif k != "positions":
+                        tot[k] = tot[k] + v
+        return [self._finish(w, kind_, tot, n) for w, kind_, tot in
+                zip(self.wrappers, self.kinds, totals or [{}] * len(self.wrappers))]
+
+    def _finish(self, w, kind, tot, n):
+        s = {"kind": kind}
+        if not tot:
+            return s
+        positions = int(_np(tot["positions"])) if "positions" in tot else 1
+        s["positions"] = positions
+        rows_all = float(_np(tot["rows_all"]))
+        s["z2"] = _np(tot["z2"]).astype(np.float64) / rows_all
+        if not np.all(np.isfinite(s["z2"])):  # a NaN/inf anywhere reaches the sum
+            raise ValueError(
+                f"Layer '{w.layer.name}' produced NaN or inf pre-activations on the held-out "
+                "data (the model may have diverged; lower the learning rate). Received: "
+                f"E[z²] = {s['z2'][~np.isfinite(s['z2'])][:3].tolist()}..."
+            )
+        for k in ("t_mean", "z_rows", "t_rows"):
+            if k in tot:
+                s[k] = np.concatenate([_np(v) for v in tot[k]]).astype(np.float64)
+        if "fisher" in tot:
+            s["fisher"] = _np(tot["fisher"]).astype(np.float64) / n
+        if "x2" in tot:
+            kshape = tuple(w.prunable_weights[0].shape)
+            s["x2"] = (_np(tot["x2"]).astype(np.float64) / rows_all).reshape(kshape[:-1])
+            m = float(_np(tot["rows_sampled"]))
+            if "gram" in tot:
+                s["gram"] = _np(tot["gram"]).astype(np.float64) / m
+            if "fisher_x2" in tot:
+                s["fisher_x2"] = _np(tot["fisher_x2"]).astype(np.float64) / m * positions
+        return s
 
 
-def _gradients(model, x, y, wrappers, loss, batch_size=256):
-    """Sum over batches of d loss / d w for each prunable weight (TensorFlow backend)."""
+# ------------------------------------------------------ full activations, gradients
+def capture(model, x, wrappers, batch_size=256):
+    """Runs `model` on `x` once (eagerly) and returns, per wrapper, `(inputs, preacts,
+    outputs)` numpy arrays; reused layers contribute every call (concatenated)."""
+    parts = {id(w): [] for w in wrappers}
+    try:
+        for i in range(0, len(x), batch_size):
+            recs = {id(w): [] for w in wrappers}
+            for w in wrappers:
+                w._capture = recs[id(w)]
+            model(x[i : i + batch_size], training=False)
+            for w in wrappers:
+                parts[id(w)].extend(tuple(_np(p) for p in r) for r in recs[id(w)])
+    finally:
+        for w in wrappers:
+            w._capture = None
+    out = []
+    for w in wrappers:
+        rec = parts[id(w)]
+        out.append(tuple(np.concatenate(col, axis=0) for col in zip(*rec)) if rec
+                   else (None, None, None))
+    return out
+
+
+def weight_gradients(model, x, y, wrappers, loss, batch_size=256):
+    """Mean over batches of d loss / d w for each prunable weight (TensorFlow backend)."""
     if keras.backend.backend() != "tensorflow":
         raise NotImplementedError(
             "Gradient-based scores currently need the TensorFlow backend. Received: "
@@ -293,24 +413,21 @@ def _gradients(model, x, y, wrappers, loss, batch_size=256):
     for i in range(0, len(x), batch_size):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         with tf.GradientTape() as tape:
-            pred = model(xb, training=False)
-            value = loss(yb, pred)
-        g = tape.gradient(value, variables)
-        for j, gj in enumerate(g):
+            value = loss(yb, model(xb, training=False))
+        for j, gj in enumerate(tape.gradient(value, variables)):
             if gj is not None:
                 total[j] += np.asarray(gj) * (len(xb) / len(x))
     out, k = [], 0
     for w in wrappers:
-        n = len(w.prunable_weights)
-        out.append(total[k : k + n])
-        k += n
+        out.append(total[k : k + len(w.prunable_weights)])
+        k += len(w.prunable_weights)
     return out
 
 
 def blas_threads(n=1):
     """Context limiting BLAS threads (threadpoolctl, a scikit-learn dependency) to `n`.
 
-    The IB statistics are many small factorizations; with TensorFlow's thread pool busy
+    The statistics end in many small factorizations; with TensorFlow's thread pool busy
     on the same cores, multi-threaded BLAS is several times slower than one thread.
     """
     try:

@@ -17,11 +17,7 @@ import keras
 from keras import ops
 
 from keras_ibprune import registry
-
-try:  # Keras >= 3.0 keeps these helpers here.
-    from keras.src.backend.common.stateless_scope import get_stateless_scope
-except ImportError:  # pragma: no cover
-    get_stateless_scope = None
+from keras_ibprune._keras_compat import get_stateless_scope
 
 GRANULARITIES = ("weight", "channel")
 
@@ -213,7 +209,7 @@ class PruneWrapper(keras.layers.Wrapper):
             (w, ops.multiply(w.value, ops.cast(m.value, w.dtype)))
             for w, m in zip(self.prunable_weights, self.masks)
         ]
-        outer = get_stateless_scope() if get_stateless_scope else None
+        outer = get_stateless_scope()
         with keras.StatelessScope(mapping) as scope:
             if outer is not None:
                 # Keep the enclosing stateless values (JAX training, symbolic builds).

@@ -1,3 +1,4 @@
+"""The compiled statistics pass against brute force (patches, Fisher, NaN, tracing)."""
 
 import keras
 import numpy as np
@@ -23,38 +24,69 @@ def _xy(n=40, seed=0):
     return rng.normal(size=(n, 9, 9, 2)).astype("float32"), np.arange(n) % 3
 
 
+def _brute(model, x, y, strides, padding):
+    """Patches and per-position gradients of log p(y|x) w.r.t. the conv pre-activation."""
+    conv, dense = [w.layer for w in S.find_wrappers(model)]
+    patches = tf.image.extract_patches(x, [1, 3, 3, 1], [1, strides, strides, 1],
+                                       [1, 1, 1, 1], padding.upper()).numpy()
+    p2 = patches.reshape(len(x), -1, 18)
+    z = tf.constant(p2 @ conv.kernel.numpy().reshape(18, 4) + conv.bias.numpy())
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(z)
+        logits = tf.reshape(tf.nn.relu(z), (len(x), -1)) @ dense.kernel + dense.bias
+        tape.watch(logits)
+        ll = tf.reduce_sum(tf.gather(tf.nn.log_softmax(logits), y, batch_dims=1))
+    return p2, tape.gradient(ll, z).numpy(), tape.gradient(ll, logits).numpy()
+
+
 @pytest.mark.parametrize("padding,strides", [("valid", 1), ("same", 1), ("same", 2)])
-def test_summarize_conv_patch_energy_matches_brute_force(padding, strides):
+def test_gram_and_fisher_match_brute_force(padding, strides):
     model = _cnn(padding, strides)
     x, y = _xy()
-    wrappers = S.find_wrappers(model)
-    # Keep every position: the patch energy must equal the brute-force E[x_patch^2].
-    summ = S.summarize(model, x, y, wrappers, batch_size=16, max_rows=10**6)
-    conv = summ[0]
-    assert conv["kind"] == "conv" and conv["x2"].shape == (3, 3, 2)
-    patches = tf.image.extract_patches(
-        x, [1, 3, 3, 1], [1, strides, strides, 1], [1, 1, 1, 1], padding.upper()
-    ).numpy()
-    brute = (patches.reshape(-1, 3, 3, 2) ** 2).mean(axis=0)
-    np.testing.assert_allclose(conv["x2"], brute, rtol=1e-4)
-    ho = patches.shape[1] * patches.shape[2]
-    assert conv["positions"] == ho and conv["z"].shape == (len(x) * ho, 4)
-    assert conv["t_mean"].shape == (len(x), 4)
-    np.testing.assert_array_equal(conv["labels"], y[conv["rows"]])
-    dense = summ[1]
-    assert dense["kind"] == "dense" and dense["z"].shape == (len(x), 3)
-    flat = conv["t_mean"]  # outputs are non-negative (relu)
-    assert np.all(flat >= 0)
+    ws = S.find_wrappers(model)
+    sp = S.StatisticsPass(model, ws, S.STATISTICS, fisher="empirical", max_rows=10**6,
+                          batch_size=16)
+    conv, out = sp(x, y)
+    p2, g, g_out = _brute(model, x, y, strides, padding)
+    rows = p2.reshape(-1, 18)
+    assert conv["kind"] == "conv" and conv["positions"] == p2.shape[1]
+    np.testing.assert_allclose(conv["x2"], (rows**2).mean(0).reshape(3, 3, 2), rtol=1e-4)
+    np.testing.assert_allclose(conv["gram"], rows.T @ rows / len(rows), rtol=1e-4, atol=1e-6)
+    fisher = (g**2).sum(axis=1).mean(axis=0)  # summed over positions, mean over samples
+    np.testing.assert_allclose(conv["fisher"], fisher, rtol=1e-4, atol=1e-8)
+    fx2 = np.einsum("npi,npj->ij", p2**2, g**2) / len(x)
+    np.testing.assert_allclose(conv["fisher_x2"], fx2, rtol=1e-3, atol=1e-8)
+    np.testing.assert_allclose(out["fisher"], (g_out**2).mean(0), rtol=1e-4)
+    assert conv["t_mean"].shape == (len(x), 4) and np.all(conv["t_mean"] >= 0)
+    assert out["kind"] == "dense" and out["gram"].shape == (p2.shape[1] * 4,) * 2
 
 
-def test_summarize_subsamples_positions_deterministically():
+def test_model_fisher_is_the_expected_fisher_of_the_prediction():
+    model = _cnn()
+    x, _ = _xy(n=3000, seed=1)
+    out = S.StatisticsPass(model, S.find_wrappers(model), ("fisher",), seed=0)(x, None)[1]
+    p = model.predict(x, verbose=0)
+    # For softmax logits E_{y~p}[(e_y - p)_j^2] = p_j (1 - p_j).
+    np.testing.assert_allclose(out["fisher"], (p * (1 - p)).mean(0), rtol=0.06)
+
+
+def test_row_subsampling_is_fixed_and_bounded():
     model = _cnn()
     x, y = _xy()
-    ws = S.find_wrappers(model)
-    a = S.summarize(model, x, y, ws, max_rows=80, seed=3)[0]
-    b = S.summarize(model, x, y, ws, max_rows=80, seed=3)[0]
-    assert len(a["z"]) == 80  # 2 positions per sample
-    np.testing.assert_array_equal(a["z"], b["z"])
+    sp = S.StatisticsPass(model, S.find_wrappers(model), ("gram", "rows"), max_rows=80)
+    a, b = sp(x, y)[0], sp(x, y)[0]
+    assert a["z_rows"].shape == (80, 4)  # 2 of 49 positions per sample
+    np.testing.assert_array_equal(a["gram"], b["gram"])
+    np.testing.assert_array_equal(a["z_rows"], b["z_rows"])
+
+
+def test_traced_once_and_reused():
+    model = _cnn()
+    x, y = _xy(n=64)
+    sp = S.StatisticsPass(model, S.find_wrappers(model), ("gram", "fisher"), batch_size=32)
+    sp(x, y)
+    sp(x * 2, y)
+    assert sp._fn.experimental_get_tracing_count() == 1
 
 
 def test_nan_activations_name_the_layer():
@@ -63,12 +95,20 @@ def test_nan_activations_name_the_layer():
     w = S.find_wrappers(model)[0]
     w.layer.kernel.assign(np.full(w.layer.kernel.shape, np.nan, "float32"))
     with pytest.raises(ValueError, match="Layer 'conv' produced NaN"):
-        S.summarize(model, x, y, S.find_wrappers(model))
+        S.StatisticsPass(model, S.find_wrappers(model), ("gram",))(x, y)
 
 
-def test_collect_puts_summaries_in_extra():
+def test_unknown_statistics_and_fisher_are_errors():
     model = _cnn()
-    x, y = _xy()
-    stats = S.collect(model, S.find_wrappers(model), held_out=(x, y), summaries=True)
-    assert stats[0].extra["summary"]["kind"] == "conv" and stats[0].inputs is None
-    assert stats[1].labels.shape == (40,)
+    with pytest.raises(ValueError, match="Unknown statistics.*'hessian'"):
+        S.StatisticsPass(model, S.find_wrappers(model), ("hessian",))
+    with pytest.raises(ValueError, match="fisher.*Received: fisher='true'"):
+        S.StatisticsPass(model, S.find_wrappers(model), ("gram",), fisher="true")
+
+
+def test_capture_returns_full_activations():
+    model = _cnn()
+    x, _ = _xy()
+    (xi, z, t), _ = S.capture(model, x, S.find_wrappers(model), batch_size=16)
+    assert xi.shape == (40, 9, 9, 2) and z.shape == t.shape == (40, 7, 7, 4)
+    np.testing.assert_allclose(t, np.maximum(z, 0.0))

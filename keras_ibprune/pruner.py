@@ -1,0 +1,366 @@
+"""The pruning engine: `Pruner`, usable in any training loop (and behind `IBPruning`).
+
+At each update the `Pruner` asks the schedule for the target sparsity, computes the
+statistics its score needs (one compiled pass over the held-out batch at most), scores
+every prunable weight (or unit), splits the target across tensors with the allocation,
+chooses exact top-k masks, lets the score re-fit the surviving weights, and writes masks
+and weights into the wrappers (pruned weights exactly zero). All state that decides the
+next masks lives in the model (masks, weights), so a restored model resumes exactly.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_ibprune import _keras_compat
+from keras_ibprune import allocation as allocation_lib
+from keras_ibprune import channels as channels_lib
+from keras_ibprune import heldout as heldout_lib
+from keras_ibprune import masks as masks_lib
+from keras_ibprune import schedules as schedules_lib
+from keras_ibprune import scores as scores_lib
+from keras_ibprune import stats as stats_lib
+
+KEEP_CONNECTED = ("outputs", "all", False)
+
+
+class Pruner:
+    """Updates the masks of a wrapped model; the engine behind `IBPruning`.
+
+    Use it directly in a custom training loop:
+
+    ```python
+    pruner = kib.Pruner(model, kib.PolynomialDecay(0.0, 0.9, 0, 4), score="magnitude")
+    pruner.reset()
+    for epoch in range(6):
+        train_one_epoch(model)
+        pruner.update(epoch + 1)          # progress in completed epochs
+    ```
+
+    Args:
+        model: a model containing `PruneWrapper`s (None: set `pruner.model` before
+            `reset()`; the arguments are validated now).
+        schedule: a `Schedule` (or a float for `ConstantSparsity`, a config dict, or a
+            tfmot schedule with `steps_per_epoch`).
+        score: a `Score`, alias, class name or config (`"ib"`, `"obs"`, `"magnitude"`,
+            `"activation"`, `"gradient"`, `"taylor"`, `"random"`, `"gaussian_obd"`, ...).
+            None (default) = `"ib"` when `held_out` is given, else `"magnitude"` (with a
+            warning: the information score needs held-out data).
+        allocation: `"uniform"`, `"global"`, `"erk"`, `"global_erk_floor"` or a callable;
+            None picks the score's preferred one (`"global"` for `"ib"`, `"erk"` for
+            `"obs"`/activation/gradient/taylor, `"uniform"` for magnitude/random).
+        held_out: `(x, y)` arrays, `(x, None)` / `x` (label-free: the dense model's own
+            predictions at `reset()` become the labels), a `tf.data.Dataset` or a Python
+            generator. Take it from validation data, never from the test set.
+        held_out_size: maximum number of held-out samples (the first ones, the same at every
+            update; an infinite dataset is capped).
+        min_density: per-tensor floor on the fraction of kept weights (or units).
+        regrow: allow previously pruned weights to come back (default: monotone).
+        steps_per_epoch: needed only for tfmot (step-based) schedules.
+        verbose: 1 prints one line per mask update.
+        output: for multi-output models, the index or name of the output whose prediction
+            the information score preserves.
+        exclude: names of wrapped layers to leave dense (not counted in the budget).
+        keep_connected: `"outputs"` (default): every unit of the model's output layer keeps
+            at least one weight; `"all"`: every unit of every layer; False: no constraint.
+        target: channel granularity only: the schedule's sparsity is the fraction of
+            `"units"` (default), `"flops"` or `"params"` removed (see `channels`).
+        min_width: channel granularity: minimum units every layer keeps (default 1).
+        round_to: channel granularity: keep a multiple of this many units per layer.
+    """
+
+    def __init__(self, model, schedule, score=None, allocation=None, held_out=None,
+                 held_out_size=1024, min_density=0.0, regrow=False, steps_per_epoch=None,
+                 verbose=0, output=None, exclude=None, keep_connected="outputs",
+                 target="units", min_width=1, round_to=None, _stacklevel=2):
+        self.model = model
+        self.target = channels_lib.check_target(target)
+        self.min_width, self.round_to = min_width, round_to
+        self._schedule_arg = schedule
+        if schedules_lib._is_tfmot_schedule(schedule) and not steps_per_epoch:
+            self.schedule = None  # resolved in `reset()` once steps per epoch are known
+        else:
+            self.schedule = schedules_lib.get(schedule, steps_per_epoch=steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
+        self._score_arg = score
+        if score is None:
+            if held_out is None:
+                warnings.warn(
+                    "IBPruning/Pruner: the default information score needs held-out data; "
+                    "without `held_out=(x_val, y_val)` magnitude scores are used.",
+                    stacklevel=_stacklevel,
+                )
+                score = "magnitude"
+            else:
+                score = "ib"
+        self.score = scores_lib.get(score)
+        self._allocation_arg = allocation
+        self.allocation = (allocation if allocation is not None
+                           else getattr(self.score, "default_allocation", "uniform"))
+        self._allocate = allocation_lib.get(self.allocation)
+        if keep_connected not in KEEP_CONNECTED + (None,):
+            raise ValueError("`keep_connected` must be 'outputs', 'all' or False. Received: "
+                             f"keep_connected={keep_connected!r}")
+        self.keep_connected = keep_connected or False
+        self.output = output
+        self.exclude = list(exclude or [])
+        if not 0.0 <= float(min_density) <= 1.0:
+            raise ValueError(
+                f"`min_density` must be in [0, 1]. Received: min_density={min_density!r}"
+            )
+        self.min_density = float(min_density)
+        if isinstance(held_out_size, bool) or not isinstance(held_out_size, int) or (
+                held_out_size < 2):
+            raise ValueError("`held_out_size` must be an int >= 2. Received: "
+                             f"held_out_size={held_out_size!r}")
+        self.held_out, self.held_out_size = held_out, held_out_size
+        self.regrow = bool(regrow)
+        self.verbose = verbose
+        self.wrappers = []
+        self.last_target = 0.0
+        self.last_update_seconds = 0.0
+        self._channels = None
+        self._pass = None
+
+    # ----------------------------------------------------------------- config
+    def get_config(self):
+        """The constructor arguments (without model and data) as plain Python values."""
+        def ser(obj):
+            return obj if obj is None or isinstance(obj, str) else (
+                keras.saving.serialize_keras_object(obj))
+
+        if schedules_lib._is_tfmot_schedule(self._schedule_arg):
+            raise NotImplementedError("A Pruner with a tfmot schedule is not serializable.")
+        return {
+            "schedule": ser(self.schedule),
+            "score": ser(self.score) if self._score_arg is not None else None,
+            "allocation": None if callable(self._allocation_arg) else self._allocation_arg,
+            "held_out_size": self.held_out_size, "min_density": self.min_density,
+            "regrow": self.regrow, "verbose": self.verbose, "output": self.output,
+            "exclude": self.exclude or None, "keep_connected": self.keep_connected,
+            "target": self.target, "min_width": self.min_width, "round_to": self.round_to,
+        }
+
+    # ----------------------------------------------------------------- state
+    def reset(self, steps_per_epoch=None):
+        """Finds the wrappers, validates the data and prepares the statistics pass."""
+        if steps_per_epoch is not None:
+            self.steps_per_epoch = steps_per_epoch
+        if self.schedule is None or isinstance(self.schedule, schedules_lib._TfmotSchedule):
+            self.schedule = schedules_lib.get(self._schedule_arg, self.steps_per_epoch)
+        self.wrappers = stats_lib.find_wrappers(self.model)
+        if not self.wrappers:
+            raise ValueError(
+                f"Model '{self.model.name}' contains no PruneWrapper: call `kib.prune(model)` "
+                "(or wrap layers with `kib.PruneWrapper`) before training with IBPruning. "
+                f"Received: model with layers {[la.name for la in self.model.layers]}"
+            )
+        for w in self.wrappers:
+            if not w.built or not w._masks_built:
+                raise ValueError(
+                    f"PruneWrapper '{w.name}' is not built: build or call the model once "
+                    "before pruning."
+                )
+        granularities = {w.granularity for w in self.wrappers}
+        if len(granularities) > 1:
+            raise ValueError(
+                "All PruneWrappers of a model must share one granularity. Received: "
+                f"{sorted(granularities)}"
+            )
+        self.granularity = granularities.pop()
+        self._channels = None
+        if self.granularity == "channel":
+            # Units: the user's allocation, else uniform (weight allocations do not apply).
+            unit_alloc = self._allocation_arg if self._allocation_arg is not None else "uniform"
+            self._channels = channels_lib.ChannelPolicy(
+                self.model, self.wrappers, target=self.target, allocation=unit_alloc,
+                min_width=self.min_width, round_to=self.round_to, regrow=self.regrow,
+                frozen={w.name for w in self.wrappers if self._is_excluded(w)})
+        elif self.target != "units":
+            raise ValueError(
+                f"target={self.target!r} needs granularity='channel' wrappers (kib.prune(model, "
+                "granularity='channel')). Received: weight-granularity wrappers"
+            )
+        if self.score.needs_data and self.held_out is None:
+            raise ValueError(
+                f"Score {type(self.score).__name__} needs held-out data: pass "
+                "`held_out=(x_val, y_val)`. Received: held_out=None"
+            )
+        names = {w.layer.name for w in self.wrappers} | {w.name for w in self.wrappers}
+        unknown = [e for e in self.exclude if e not in names]
+        if unknown:
+            raise ValueError(f"`exclude` names no wrapped layer of model '{self.model.name}'. "
+                             f"Received: exclude={unknown}, wrapped layers: {sorted(names)}")
+        self._data = None
+        if self.held_out is not None and self.score.needs_data:
+            x, y = heldout_lib.held_out_arrays(
+                self.held_out, self.held_out_size, self.model, output=self.output
+            )
+            if y is None and self.score.needs_labels:
+                y = self._teacher_labels(x)
+                heldout_lib.check_labels(y, min_count=1)  # rare predicted classes are fine
+            elif y is not None and self.score.needs_labels:
+                heldout_lib.check_labels(y)
+            self._data = (x, y)
+        self._pass = None
+        if self._data is not None and self.score.statistics:
+            self._pass = stats_lib.StatisticsPass(
+                self.model, self.wrappers, self.score.statistics, output=self.output,
+                fisher=getattr(self.score, "fisher", "model"),
+                max_rows=getattr(self.score, "max_rows", 4096),
+                seed=getattr(self.score, "seed", 0))
+        self._outputs = self._output_wrappers()
+        self.last_target = self.current_sparsity()
+
+    def _teacher_labels(self, x):
+        """Label-free mode: the current (dense) model's predictions, captured once."""
+        pred = self.model.predict(x, batch_size=256, verbose=0)
+        pred = np.asarray(stats_lib._output_of(pred, self.output)).reshape(len(x), -1)
+        if pred.shape[1] > 1:
+            return np.argmax(pred, axis=1).astype(np.int64)
+        return pred.astype(np.float64)
+
+    def _output_wrappers(self):
+        """Ids of wrappers whose outputs are model outputs (last wrapper as fallback)."""
+        ids = {id(_keras_compat.producing_layer(t))
+               for t in getattr(self.model, "outputs", None) or []}
+        found = {id(w) for w in self.wrappers if id(w) in ids}
+        return found or ({id(self.wrappers[-1])} if self.wrappers else set())
+
+    # ---------------------------------------------------------------- update
+    def update(self, t, force=False):
+        """Recomputes the masks at progress `t` (completed epochs) if the schedule says so.
+
+        Returns:
+            True when masks were updated.
+        """
+        if not self.wrappers:
+            self.reset()
+        if not (force or self.schedule.is_update(t)):
+            return False
+        start = time.perf_counter()
+        target = float(self.schedule(t))
+        with stats_lib.blas_threads(1):  # small matrices: one BLAS thread beside TF's pool
+            self._apply(target)
+        self.last_target = target
+        self.last_update_seconds = time.perf_counter() - start
+        if self.verbose:
+            print(
+                f"IBPruning: progress {t:g} epochs -> sparsity {self.current_sparsity():.4f} "
+                f"(target {target:.4f}, score={type(self.score).__name__}, "
+                f"allocation={self.allocation}) in {self.last_update_seconds:.2f}s"
+            )
+        return True
+
+    def collect(self):
+        """One `stats.LayerStats` per wrapper, with what the score needs."""
+        x, y = self._data if self._data is not None else (None, None)
+        summaries = self._pass(x, y) if self._pass is not None else [{}] * len(self.wrappers)
+        acts = (stats_lib.capture(self.model, x, self.wrappers)
+                if self.score.needs_activations and x is not None
+                else [(None,) * 3] * len(self.wrappers))
+        grads = None
+        if self.score.needs_gradients and x is not None:
+            loss = getattr(self.model, "loss", None)
+            loss = keras.losses.get(loss) if isinstance(loss, str) else loss
+            grads = stats_lib.weight_gradients(self.model, x, y, self.wrappers, loss)
+        return [
+            stats_lib.LayerStats(
+                wrapper=w, index=i,
+                weights=[ops.convert_to_numpy(v.value) for v in w.prunable_weights],
+                masks=[ops.convert_to_numpy(m.value) for m in w.masks],
+                labels=None if y is None else np.asarray(y), summary=summaries[i],
+                inputs=acts[i][0], preacts=acts[i][1], outputs=acts[i][2],
+                grads=None if grads is None else grads[i])
+            for i, w in enumerate(self.wrappers)
+        ]
+
+    def measure(self):
+        """Refreshes the score's information logs without changing masks."""
+        if self._data is None or not hasattr(self.score, "_measure"):
+            return
+        with stats_lib.blas_threads(1):
+            for s in self.collect():
+                self.score._measure(s)
+
+    def _protect(self, w, s):
+        """Top score (1e300, finite) on the best live weight of every protected unit."""
+        if not self.keep_connected or s.ndim < 2:
+            return s
+        if self.keep_connected == "outputs" and id(w) not in self._outputs:
+            return s
+        m2 = s.reshape(-1, s.shape[-1]).copy()
+        best = np.argmax(m2, axis=0)
+        cols = np.arange(m2.shape[1])
+        live = np.isfinite(m2[best, cols])
+        m2[best[live], cols[live]] = 1e300
+        return m2.reshape(s.shape)
+
+    def _apply(self, target):
+        stats = self.collect()
+        scored = self.score.score_model(stats, granularity=self.granularity)
+        if self.granularity == "channel":
+            self._channels.update(target, {w.name: sc for w, sc in zip(self.wrappers, scored)})
+            return
+        tensors, prev, blocks, owners = [], [], [], []
+        for w, st, layer_scores in zip(self.wrappers, stats, scored):
+            for j, s in enumerate(layer_scores):
+                s = np.asarray(s, np.float64)
+                s = np.where(np.isnan(s), -np.inf, s)  # no NaN ever reaches a mask
+                if not self.regrow:
+                    s = np.where(st.masks[j] > 0, s, -np.inf)
+                tensors.append(self._protect(w, s) if j == 0 else s)
+                prev.append(st.masks[j])
+                blocks.append(w.block_size)
+                owners.append(w)
+        live = [i for i, w in enumerate(owners) if not self._is_excluded(w)]
+        alloc = [0.0] * len(tensors)
+        for i, a in zip(live, self._allocate([tensors[i] for i in live], target,
+                                             min_density=self.min_density)):
+            alloc[i] = a
+        new = [masks_lib.topk_mask(s, a, None if self.regrow else p, not self.regrow, b)
+               for s, a, p, b in zip(tensors, alloc, prev, blocks)]
+        k = 0
+        for w, st in zip(self.wrappers, stats):
+            n = len(w.masks)
+            layer_masks = new[k : k + n]
+            k += n
+            changed = any(np.any(m != p) for m, p in zip(layer_masks, st.masks))
+            weights = self.score.reconstruct(st, layer_masks) if changed else None
+            masks_lib.apply_masks(w, layer_masks, weights=weights)
+
+    def _is_excluded(self, w):
+        return w.layer.name in self.exclude or w.name in self.exclude
+
+    def rezero(self):
+        """Zeroes pruned weights again (an optimizer with momentum can move them)."""
+        for w in self.wrappers:
+            masks_lib.rezero(w)
+
+    # ------------------------------------------------------------------ logs
+    def current_sparsity(self):
+        """Fraction of zero mask entries over all wrappers (units in channel mode)."""
+        if not self.wrappers:
+            return 0.0
+        if getattr(self, "granularity", "weight") == "channel":
+            return masks_lib.mask_sparsity(
+                [ops.convert_to_numpy(w.unit_mask.value) for w in self.wrappers])
+        return masks_lib.mask_sparsity(
+            [ops.convert_to_numpy(m.value) for w in self.wrappers for m in w.masks])
+
+    def logs(self):
+        """`{"sparsity": overall, "sparsity/<layer>": per layer}` plus the score's logs."""
+        out = {"sparsity": self.current_sparsity()}
+        for w in self.wrappers:
+            ms = [w.unit_mask] if w.granularity == "channel" else w.masks
+            out[f"sparsity/{w.layer.name}"] = masks_lib.mask_sparsity(
+                [ops.convert_to_numpy(m.value) for m in ms])
+        if self._channels is not None and self.target != "units":
+            out[f"{self.target}_removed"] = self._channels.removed()
+        out.update(self.score.logs())
+        return out
