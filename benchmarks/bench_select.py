@@ -42,32 +42,58 @@ VARIANTS = [
 ]
 
 
+REFERENCE = "magnitude@erk"
+
+
 def write(results, args, out, elapsed):
+    """Ranks variants by their worst margin over magnitude + ERK across cells (maximin).
+
+    The issue the default answers is "beat magnitude + ERK on every architecture", so the
+    rule is the worst cell, not the mean: a mean over cells is dominated by collapsed
+    cells (digits at 99 %, where accuracies spread over tens of points). The mean
+    accuracy is shown too; the first version of this script ranked by it.
+    """
     cells = sorted({c for per in results.values() for c in per})
+    ref = results.get(REFERENCE, {})
     lines = [
         "# Selection of the IB defaults (validation accuracy only)",
         "",
-        f"- Command: `python benchmarks/bench_select.py {' '.join(sys.argv[1:])}`",
+        f"- Command: `python benchmarks/bench_select.py {' '.join(sys.argv[1:])}`"
+        + (" (the table rewritten from the runs' JSON)" if args.from_json else ""),
         f"- Date: {datetime.date.today().isoformat()}; machine: 2-core CPU, no GPU "
-        f"({platform.machine()}); wall time {elapsed / 60:.1f} min",
+        f"({platform.machine()})" + ("" if args.from_json else
+                                      f"; wall time {elapsed / 60:.1f} min"),
         f"- Protocol: `benchmarks/_protocol.py` (dense {args.dense_epochs} epochs, "
         f"{args.prune_epochs} pruning epochs, ramp over {args.ramp}); seeds "
         f"{args.first_seed}..{args.first_seed + args.seeds - 1}; held-out batch = validation "
         "split; validation accuracy %, mean ± standard error over seeds.",
+        f"- Rule: highest worst-cell margin over `{REFERENCE}` (maximin; the issue asks to "
+        "beat it on every architecture). Ranking by the mean accuracy over cells (the "
+        "first rule of this script) is shown as a column; it is dominated by the collapsed "
+        "digits 99 % cells.",
         "",
-        "| variant | mean over cells | " + " | ".join(cells) + " |",
-        "|---|---|" + "---|" * len(cells),
+        "| variant | worst margin | mean margin | mean accuracy | " + " | ".join(cells) + " |",
+        "|---|---|---|---|" + "---|" * len(cells),
     ]
     ranking = []
     for method, per in results.items():
-        means = [np.mean(per[c]) for c in cells if c in per]
-        ranking.append((float(np.mean(means)) if len(means) == len(cells) else -1, method))
-    for score, method in sorted(ranking, reverse=True):
+        if not all(c in per for c in cells):
+            continue
+        margins = [100 * (np.mean(per[c]) - np.mean(ref[c])) for c in cells if c in ref]
+        worst = min(margins) if margins else float("nan")
+        mean_m = float(np.mean(margins)) if margins else float("nan")
+        mean_acc = 100 * float(np.mean([np.mean(per[c]) for c in cells]))
+        ranking.append((worst if method != REFERENCE else -np.inf, mean_m, mean_acc, method))
+    for worst, mean_m, mean_acc, method in sorted(ranking, reverse=True):
         per = results[method]
-        lines.append(f"| `{method}` | {100 * score:.2f} | "
+        w = "–" if method == REFERENCE else f"{worst:+.2f}"
+        m = "–" if method == REFERENCE else f"{mean_m:+.2f}"
+        lines.append(f"| `{method}` | {w} | {m} | {mean_acc:.2f} | "
                      + " | ".join(P.fmt(per.get(c, [])) for c in cells) + " |")
-    best = max(ranking)[1] if ranking else None
-    lines += ["", f"Highest mean validation accuracy: `{best}`.", ""]
+    if ranking:
+        best = max(ranking)[3]
+        by_mean = max(ranking, key=lambda r: r[2])[3]
+        lines += ["", f"Selected (maximin): `{best}`. Highest mean accuracy: `{by_mean}`.", ""]
     (out / "selection.md").write_text("\n".join(lines) + "\n")
     (out / "selection.json").write_text(json.dumps(results, indent=1))
 
@@ -85,7 +111,13 @@ def main(argv=None):
     p.add_argument("--prune-epochs", type=int, default=6)
     p.add_argument("--ramp", type=int, default=4)
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--from-json", help="rewrite the table from a selection.json (no runs)")
     args = p.parse_args(argv)
+    if args.from_json:
+        write(json.loads(pathlib.Path(args.from_json).read_text()), args,
+              pathlib.Path(args.out), 0.0)
+        print((pathlib.Path(args.out) / "selection.md").read_text())
+        return
     methods = args.methods.split("|") if "|" in args.methods else args.methods.split(",")
     for m in methods:
         P.parse(m)

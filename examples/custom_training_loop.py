@@ -5,8 +5,8 @@ pruner yourself: `reset()` once before training (finds the wrappers, takes the h
 data), `update(t)` at the end of each epoch with `t` = completed epochs (it asks the
 schedule and, when due, scores the weights and writes new masks), and `rezero()` to zero
 pruned weights again after optimizer steps (momentum can move them; the forward pass
-is masked either way). `logs()` gives the same `sparsity/<layer>`, `I_TY/...` numbers
-the callback adds to the epoch logs.
+is masked either way). `logs()` gives the same `sparsity/<layer>` numbers the callback
+adds to the epoch logs, and with `log_information=True` the `I_TY/...`, `I_XT/...` ones.
 
     python examples/custom_training_loop.py
     python examples/custom_training_loop.py --quick    # (or KIB_QUICK=1)
@@ -71,7 +71,8 @@ def main(argv=None):
     begin = epochs // 3
     schedule = kib.PolynomialDecay(0.0, args.sparsity, begin_epoch=begin,
                                    end_epoch=begin + max(1, epochs // 3))
-    pruner = kib.Pruner(model, schedule, held_out=(xval, yval))  # IB score by default
+    pruner = kib.Pruner(model, schedule, held_out=(xval, yval),  # IB score by default
+                        log_information=True)
     pruner.reset()
 
     @tf.function

@@ -58,10 +58,14 @@ class IBPruning(keras.callbacks.Callback):
                 f"Received: update_every={update_every!r}"
             )
         self.update_every = update_every
-        self.log_information = bool(log_information)
-        self.pruner = Pruner(None, schedule, _stacklevel=3, **pruner_kwargs)  # validates
+        self.pruner = Pruner(None, schedule, log_information=log_information, _stacklevel=3,
+                             **pruner_kwargs)  # validates every argument now
         self._steps = None
         self._epoch = 0
+
+    @property
+    def log_information(self):
+        return self.pruner.log_information
 
     @property
     def schedule(self):
@@ -90,21 +94,16 @@ class IBPruning(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not self.pruner.update(epoch + 1):
             self.pruner.rezero()
-            if self.log_information:
-                self.pruner.measure()
+            self.pruner.measure()  # only with log_information=True
         if logs is not None:
-            entries = self.pruner.logs()
-            if not self.log_information:
-                entries = {k: v for k, v in entries.items() if not k.startswith("I_")}
-            logs.update(entries)
+            logs.update(self.pruner.logs())
 
     def on_train_end(self, logs=None):
         self.pruner.rezero()
 
     def get_config(self):
         config = self.pruner.get_config()
-        config.update({"update_every": self.update_every,
-                       "log_information": self.log_information})
+        config["update_every"] = self.update_every
         return config
 
     @classmethod

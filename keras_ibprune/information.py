@@ -56,7 +56,13 @@ class _InformationLogs:
     """``I_TY/<layer>`` (cross-fitted relevance, nats, ≤ H(Y)) and ``I_XT/<layer>`` (the
     noise-floor upper bound on compression) of each layer's per-sample output."""
 
-    def _measure(self, stats):
+    log_statistics = ("t_mean",)
+
+    def required_statistics(self, granularity="weight", log=False):
+        unit = ("t_mean",) if granularity == "channel" else ()
+        return tuple(self.statistics) + unit + (tuple(self.log_statistics) if log else ())
+
+    def measure(self, stats):
         s = stats.summary
         if "t_mean" not in s or stats.labels is None:
             return None
@@ -144,8 +150,7 @@ class IBScore(_InformationLogs, Score):
 
     @property
     def statistics(self):
-        base = ("gram", "fisher", "t_mean") + (("fisher_x2",) if self.diagonal_correction else ())
-        return base
+        return ("gram", "fisher") + (("fisher_x2",) if self.diagonal_correction else ())
 
     def get_config(self):
         return {"fisher": self.fisher, "damping": self.damping,
@@ -163,7 +168,6 @@ class IBScore(_InformationLogs, Score):
         s = stats.summary
         if "fisher" not in s:
             return [np.abs(w) for w in stats.weights]
-        self._measure(stats)
         fisher = s["fisher"]
         fact = self._factorization(stats)
         out = []
@@ -179,7 +183,6 @@ class IBScore(_InformationLogs, Score):
         return out
 
     def unit_scores(self, stats):
-        self._measure(stats)
         return self._unit_scores(stats)
 
     def reconstruct(self, stats, masks):
@@ -248,7 +251,7 @@ class GaussianOBDScore(_InformationLogs, Score):
     """
 
     needs_labels = True
-    statistics = ("x2", "rows", "t_mean")
+    statistics = ("x2", "rows")
     default_allocation = "global_erk_floor"
 
     def __init__(self, shrinkage=0.05, max_rows=8192, estimator="gaussian", beta=0.05,
@@ -267,7 +270,6 @@ class GaussianOBDScore(_InformationLogs, Score):
         s = stats.summary
         if "z_rows" not in s or stats.labels is None:
             return [np.abs(w) for w in stats.weights]
-        self._measure(stats)
         softmax = _activation_name(stats.wrapper.layer) == "softmax"
         t = s["z_rows"] if softmax else s["t_rows"]
         per = len(t) // max(len(stats.labels), 1)
@@ -283,5 +285,4 @@ class GaussianOBDScore(_InformationLogs, Score):
         return out
 
     def unit_scores(self, stats):
-        self._measure(stats)
         return self._unit_scores(stats)

@@ -25,7 +25,12 @@ from scipy.linalg import cho_factor, cho_solve, cholesky
 
 
 class Factorization:
-    """`H⁻¹` of one layer's damped input Gram matrix, and its upper Cholesky factor.
+    """One layer's damped input Gram matrix, factorized once.
+
+    With ``J`` the order-reversing permutation, ``J H J = L Lᵀ`` (Cholesky) gives
+    ``H = R Rᵀ`` with ``R = J L J`` upper triangular, so ``U = R⁻¹`` is the upper Cholesky
+    factor of ``H⁻¹ = Uᵀ U`` that the sweep needs, and ``[H⁻¹]_ii = Σ_k U_ki²``: one
+    Cholesky and one triangular inverse, no explicit inverse.
 
     Args:
         gram: `(d_in, d_in)` matrix ``E[x xᵀ]``.
@@ -33,27 +38,28 @@ class Factorization:
     """
 
     def __init__(self, gram, damping=0.01):
+        from scipy.linalg import lapack
+
         h = np.array(gram, dtype=np.float64)
         h = 0.5 * (h + h.T)
         d = len(h)
         mean = float(np.mean(np.diag(h))) if d else 0.0
         h[np.diag_indices(d)] += float(damping) * mean + 1e-10 * max(mean, 1e-30) + 1e-30
         self.gram = h
-        hinv = cho_solve(cho_factor(h, lower=True), np.eye(d))
-        self.hinv = 0.5 * (hinv + hinv.T)
-        self._upper = None
+        low, info = lapack.dpotrf(np.ascontiguousarray(h[::-1, ::-1]), lower=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"Gram matrix not positive definite (info={info}).")
+        r = np.triu(low[::-1, ::-1])  # H = R Rᵀ, R upper
+        u, info = lapack.dtrtri(r, lower=0)
+        if info != 0:  # pragma: no cover - the damping keeps R invertible
+            raise np.linalg.LinAlgError(f"Singular Cholesky factor (info={info}).")
+        self.upper = np.triu(u)
+        self.hinv_diag = np.sum(self.upper**2, axis=0)
 
     @property
-    def hinv_diag(self):
-        """``[H⁻¹]_ii``, `(d_in,)`."""
-        return np.diag(self.hinv)
-
-    @property
-    def upper(self):
-        """Upper Cholesky factor ``U`` of ``H⁻¹ = Uᵀ U`` (computed once, on first use)."""
-        if self._upper is None:
-            self._upper = cholesky(self.hinv, lower=False)
-        return self._upper
+    def hinv(self):
+        """``H⁻¹ = Uᵀ U`` (built on request; the scores need only its diagonal)."""
+        return self.upper.T @ self.upper
 
 
 def saliency(kernel, fact, curvature=None):

@@ -72,12 +72,15 @@ class Pruner:
             `"units"` (default), `"flops"` or `"params"` removed (see `channels`).
         min_width: channel granularity: minimum units every layer keeps (default 1).
         round_to: channel granularity: keep a multiple of this many units per layer.
+        log_information: let the score log its information quantities (``I_TY/<layer>``,
+            ``I_XT/<layer>``) at every update and on `measure()`.
     """
 
     def __init__(self, model, schedule, score=None, allocation=None, held_out=None,
                  held_out_size=1024, min_density=0.0, regrow=False, steps_per_epoch=None,
                  verbose=0, output=None, exclude=None, keep_connected="outputs",
-                 target="units", min_width=1, round_to=None, _stacklevel=2):
+                 target="units", min_width=1, round_to=None, log_information=False,
+                 _stacklevel=2):
         self.model = model
         self.target = channels_lib.check_target(target)
         self.min_width, self.round_to = min_width, round_to
@@ -121,6 +124,7 @@ class Pruner:
         self.held_out, self.held_out_size = held_out, held_out_size
         self.regrow = bool(regrow)
         self.verbose = verbose
+        self.log_information = bool(log_information)
         self.wrappers = []
         self.last_target = 0.0
         self.last_update_seconds = 0.0
@@ -144,6 +148,7 @@ class Pruner:
             "regrow": self.regrow, "verbose": self.verbose, "output": self.output,
             "exclude": self.exclude or None, "keep_connected": self.keep_connected,
             "target": self.target, "min_width": self.min_width, "round_to": self.round_to,
+            "log_information": self.log_information,
         }
 
     # ----------------------------------------------------------------- state
@@ -208,9 +213,10 @@ class Pruner:
                 heldout_lib.check_labels(y)
             self._data = (x, y)
         self._pass = None
-        if self._data is not None and self.score.statistics:
+        needs = self.score.required_statistics(self.granularity, self.log_information)
+        if self._data is not None and needs:
             self._pass = stats_lib.StatisticsPass(
-                self.model, self.wrappers, self.score.statistics, output=self.output,
+                self.model, self.wrappers, needs, output=self.output,
                 fisher=getattr(self.score, "fisher", "model"),
                 max_rows=getattr(self.score, "max_rows", 4096),
                 seed=getattr(self.score, "seed", 0))
@@ -280,13 +286,13 @@ class Pruner:
             for i, w in enumerate(self.wrappers)
         ]
 
-    def measure(self):
-        """Refreshes the score's information logs without changing masks."""
-        if self._data is None or not hasattr(self.score, "_measure"):
+    def measure(self, stats=None):
+        """Refreshes the score's information logs (`log_information`) without changing masks."""
+        if self._data is None or not self.log_information:
             return
         with stats_lib.blas_threads(1):
-            for s in self.collect():
-                self.score._measure(s)
+            for s in stats if stats is not None else self.collect():
+                self.score.measure(s)
 
     def _protect(self, w, s):
         """Top score (1e300, finite) on the best live weight of every protected unit."""
@@ -303,6 +309,7 @@ class Pruner:
 
     def _apply(self, target):
         stats = self.collect()
+        self.measure(stats)
         scored = self.score.score_model(stats, granularity=self.granularity)
         if self.granularity == "channel":
             self._channels.update(target, {w.name: sc for w, sc in zip(self.wrappers, scored)})

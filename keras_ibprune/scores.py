@@ -62,6 +62,7 @@ class Score:
 
     Attributes:
         statistics: names from `stats.STATISTICS` this score reads from `stats.summary`.
+        log_statistics: extra statistics `measure` needs (computed only when logging).
         needs_activations: full eager activations in `stats.inputs/preacts/outputs`.
         needs_gradients: loss gradients w.r.t. the weights in `stats.grads`.
         needs_labels: held-out labels are required (label-free mode supplies them).
@@ -69,6 +70,7 @@ class Score:
     """
 
     statistics: tuple = ()
+    log_statistics: tuple = ()
     needs_activations = False
     needs_gradients = False
     needs_labels = False
@@ -94,6 +96,13 @@ class Score:
         if granularity == "channel":
             return [self.unit_scores(s) for s in stats_list]
         return [self(s) for s in stats_list]
+
+    def required_statistics(self, granularity="weight", log=False):
+        """The statistics to compute for this granularity (and for `measure` if `log`)."""
+        return tuple(self.statistics) + (tuple(self.log_statistics) if log else ())
+
+    def measure(self, stats):
+        """Information quantities of one layer for the epoch logs (see `logs`)."""
 
     def reconstruct(self, stats, masks):
         """New values of the prunable weights once `masks` are chosen, or None (keep)."""

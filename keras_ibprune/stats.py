@@ -13,8 +13,9 @@ Per Dense / Conv1D / Conv2D layer (inputs ``x`` are the im2col rows feeding one 
 position, in the kernel's ``(kh, kw, c_in)`` layout; ``g = ∂ log p(ŷ|x) / ∂z`` with
 ``ŷ ~ p(·|x)``, the model's predictive distribution; ``P`` output positions):
 
-- ``x2``: ``E[x_i²]`` (Wanda's input energy), exact over all rows;
-- ``gram``: ``H = E[x xᵀ]`` over a fixed, stratified subset of at most `max_rows` rows;
+- ``x2``: ``E[x_i²]`` (Wanda's input energy) and ``gram``: ``H = E[x xᵀ]``, over a fixed,
+  stratified subset of at most `max_rows` rows (all of them for Dense layers when
+  `max_rows` ≥ the number of samples); windows are gathered only at those positions;
 - ``fisher``: ``F_j = Σ_p E[g_pj²]``, the Fisher information of the prediction about
   unit ``j`` (summed over the positions that share its weights);
 - ``fisher_x2``: ``D_ij = Σ_p E[g_pj² x_pi²]``, the exact diagonal Fisher of weight ``w_ij``.
@@ -98,22 +99,40 @@ def layer_kind(layer):
 
 
 # --------------------------------------------------------------- per-layer math
-def _rows(x, layer, kind):
-    """Input rows `(b, P, d_in)` feeding each output position (im2col for convs)."""
+def _sampled_inputs(x, layer, kind, idx, positions, out_hw):
+    """Input rows `(b * k, d_in)` feeding the sampled output positions `idx` `(b, k)`.
+
+    Dense: the input vectors. Conv: the receptive-field windows in the kernel's
+    `(kh, kw, c_in)` layout (zero padding as the layer pads), gathered directly at the
+    sampled positions (no full im2col).
+    """
+    b = ops.shape(x)[0]
+    if idx is None:
+        idx = ops.broadcast_to(ops.arange(positions, dtype="int32")[None], (b, positions))
     if kind == "dense":
-        return ops.reshape(x, (ops.shape(x)[0], -1, ops.shape(x)[-1]))
+        return _gather(ops.reshape(x, (b, positions, x.shape[-1])), idx)
     if layer.rank == 1:
         x = ops.expand_dims(x, 1)
-        size, strides, dil = (1, layer.kernel_size[0]), (1, layer.strides[0]), (
-            1, layer.dilation_rate[0])
+        k, s, d = (1, layer.kernel_size[0]), (1, layer.strides[0]), (1, layer.dilation_rate[0])
     else:
-        size, strides, dil = layer.kernel_size, layer.strides, layer.dilation_rate
-    if tuple(size) == (1, 1) and layer.padding == "valid":
-        p = x[:, :: strides[0], :: strides[1], :]
-    else:
-        p = ops.image.extract_patches(x, tuple(size), strides=tuple(strides),
-                                      dilation_rate=tuple(dil), padding=layer.padding)
-    return ops.reshape(p, (ops.shape(p)[0], -1, ops.shape(p)[-1]))
+        k, s, d = tuple(layer.kernel_size), tuple(layer.strides), tuple(layer.dilation_rate)
+    size_in, c = tuple(x.shape[1:3]), x.shape[3]
+    pads = []
+    for n_in, kk, ss, dd, n_out in zip(size_in, k, s, d, out_hw):
+        total = max((n_out - 1) * ss + (kk - 1) * dd + 1 - n_in, 0)
+        total = total if layer.padding == "same" else 0
+        pads.append((total // 2, total - total // 2))
+    x = ops.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
+    hp, wp = x.shape[1], x.shape[2]
+    oh, ow = idx // out_hw[1], idx % out_hw[1]  # (b, k)
+    du = np.repeat(np.arange(k[0]) * d[0], k[1])  # window offsets, (kh*kw,), row-major
+    dv = np.tile(np.arange(k[1]) * d[1], k[0])
+    rows = oh[..., None] * s[0] + ops.convert_to_tensor(du, "int32")
+    cols = ow[..., None] * s[1] + ops.convert_to_tensor(dv, "int32")
+    flat = ops.reshape(rows * wp + cols, (b, -1))  # (b, k * kh * kw)
+    win = ops.take_along_axis(ops.reshape(x, (b, hp * wp, c)), ops.expand_dims(flat, -1),
+                              axis=1)
+    return ops.reshape(win, (-1, k[0] * k[1] * c))
 
 
 def _sample_positions(b, positions, k):
@@ -155,9 +174,10 @@ def _layer_stats(wrapper, kind, recs, grads, needs, rows_per_sample):
             g3 = ops.reshape(g, (b, positions, units))
             part["fisher"] = ops.sum(ops.square(g3), axis=(0, 1))
         if kind != "other" and x is not None and needs & {"x2", "gram", "fisher_x2"}:
-            xr = _rows(x, wrapper.layer, kind)
-            part["x2"] = ops.sum(ops.square(xr), axis=(0, 1))
-            xs = _gather(xr, idx)
+            out_hw = tuple(z.shape[1:3]) if kind == "conv" and len(z.shape) == 4 else (
+                1, positions)
+            xs = _sampled_inputs(x, wrapper.layer, kind, idx, positions, out_hw)
+            part["x2"] = ops.sum(ops.square(xs), axis=0)
             part["rows_sampled"] = ops.cast(ops.shape(xs)[0], "float32")
             if "gram" in needs:
                 part["gram"] = ops.matmul(ops.transpose(xs), xs)
@@ -250,7 +270,7 @@ class StatisticsPass:
         self.max_rows, self.batch_size = int(max_rows), int(batch_size)
         self.kinds = [layer_kind(w.layer) for w in self.wrappers]
         self.gradients = bool(self.needs & {"fisher", "fisher_x2"})
-        self._fn, self._key = None, None
+        self._fn, self._key, self._lik = None, None, None
 
     def _batch(self, x, u, target, lik, rows_per_sample):
         recs = {id(w): [] for w in self.wrappers}
@@ -309,16 +329,18 @@ class StatisticsPass:
 
         n = len(x)
         kind = "classes" if y is None else label_kind(y)[0]
-        probe = _output_of(self.model(x[: min(n, 8)], training=False), self.output)
-        lik = likelihood_kind(_np(probe), kind)
+        if self._lik is None:  # how outputs define p(y|x): probed once per pass
+            probe = _np(_output_of(self.model(x[: min(n, 8)], training=False), self.output))
+            self._lik = (likelihood_kind(probe, kind), int(np.prod(probe.shape[1:])))
+        lik, width = self._lik
         target = None
         if self.fisher == "empirical":
             if y is None:
                 raise ValueError("fisher='empirical' needs held-out labels. Received: y=None")
             target = label_kind(y)[1] if kind == "classes" else np.asarray(y, np.float32)
         rng = np.random.default_rng(self.seed)
-        width = int(np.prod(probe.shape[1:])) if lik == "gaussian" else None
-        u = (rng.normal(size=(n, width)) if width else rng.random(n)).astype("float32")
+        u = (rng.normal(size=(n, width)) if lik == "gaussian" else rng.random(n)).astype(
+            "float32")
         rows_per_sample = max(1, -(-self.max_rows // max(n, 1)))
         fn = self._compiled(lik, rows_per_sample, target is not None)
         totals = None
@@ -360,8 +382,8 @@ class StatisticsPass:
             s["fisher"] = _np(tot["fisher"]).astype(np.float64) / n
         if "x2" in tot:
             kshape = tuple(w.prunable_weights[0].shape)
-            s["x2"] = (_np(tot["x2"]).astype(np.float64) / rows_all).reshape(kshape[:-1])
             m = float(_np(tot["rows_sampled"]))
+            s["x2"] = (_np(tot["x2"]).astype(np.float64) / m).reshape(kshape[:-1])
             if "gram" in tot:
                 s["gram"] = _np(tot["gram"]).astype(np.float64) / m
             if "fisher_x2" in tot:

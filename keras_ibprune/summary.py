@@ -122,8 +122,8 @@ def sparsity(model) -> float:
 def plot_information_plane(history, layers=None, ax=None):
     """Draws each layer's path in the information plane `(I(X;T), I(T;Y))` over epochs.
 
-    Reads the `I_XT/<layer>` and `I_TY/<layer>` entries that `IBPruning` with an IB score
-    writes into the epoch logs (Shwartz-Ziv & Tishby, 2017). Needs matplotlib (an
+    Reads the `I_XT/<layer>` and `I_TY/<layer>` entries that
+    `IBPruning(..., log_information=True)` writes into the epoch logs (Shwartz-Ziv & Tishby, 2017). Needs matplotlib (an
     optional dependency).
 
     Args:
@@ -141,7 +141,8 @@ def plot_information_plane(history, layers=None, ax=None):
     Example:
 
     ```python
-    history = pruned.fit(x, y, epochs=6, callbacks=[kib.IBPruning(sched, held_out=(xv, yv))])
+    cb = kib.IBPruning(sched, held_out=(xv, yv), log_information=True)
+    history = pruned.fit(x, y, epochs=6, callbacks=[cb])
     kib.plot_information_plane(history).figure.savefig("ip.png")
     ```
     """
@@ -162,7 +163,8 @@ def plot_information_plane(history, layers=None, ax=None):
         names = [n for n in names if n in set(layers)]
     if not names:
         raise ValueError(
-            "No information-plane entries (I_XT/<layer>, I_TY/<layer>) in the history: "
+            "No information-plane entries (I_XT/<layer>, I_TY/<layer>) in the history "
+            "(pass `log_information=True` to IBPruning): "
             "train with IBPruning using an IB score and held-out data. Received: keys "
             f"{sorted(logs)[:10]}"
         )

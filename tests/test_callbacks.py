@@ -153,19 +153,21 @@ def test_pruner_in_a_custom_loop():
     assert pruner.logs()["sparsity/fc1"] == pytest.approx(0.5, abs=1e-3)
 
 
-def test_callback_config_round_trip():
-    cb = kib.IBPruning(
-        kib.PolynomialDecay(0.0, 0.9, 1, 5),
-        score="random",
-        allocation="erk",
-        update_every=10,
-        min_density=0.05,
-    )
+@pytest.mark.parametrize("kwargs", [
+    {"score": "random", "allocation": "erk", "update_every": 10, "min_density": 0.05},
+    {"score": kib.IBScore(fisher="empirical", damping=0.1), "log_information": True,
+     "held_out_size": 512, "exclude": ["fc1"], "keep_connected": "all"},
+    {"target": "flops", "min_width": 4, "round_to": 8, "regrow": True, "output": 0},
+])
+def test_callback_config_round_trip(kwargs):
+    cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.9, 1, 5), **kwargs)
     config = cb.get_config()
     again = kib.IBPruning.from_config(config)
     assert again.get_config() == config
-    ser = keras.saving.serialize_keras_object(cb)
-    assert ser["registered_name"] == "keras_ibprune>IBPruning"
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(cb))
+    assert isinstance(restored, kib.IBPruning) and restored.get_config() == config
+    assert type(restored.pruner.score) is type(cb.pruner.score)
+    assert restored.pruner.score.get_config() == cb.pruner.score.get_config()
 
 
 def test_mirrored_strategy_matches_single_device(tmp_path):

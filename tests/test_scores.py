@@ -30,8 +30,8 @@ def _linear_model(kernel, train_on=None):
     return kib.prune(model)
 
 
-def _stats(model, x, y, score):
-    pruner = kib.Pruner(model, 0.5, score=score, held_out=(x, y))
+def _stats(model, x, y, score, log=False):
+    pruner = kib.Pruner(model, 0.5, score=score, held_out=(x, y), log_information=log)
     pruner.reset()
     return pruner.collect()
 
@@ -64,12 +64,14 @@ def test_ib_unit_scores_and_logs():
     kernel = np.array([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])  # unit 3 is dead
     model = _linear_model(kernel)
     score = IBScore(beta=0.0)
-    st = _stats(model, x, y, score)
+    st = _stats(model, x, y, score, log=True)
     u = score.unit_scores(st[0])
     # The unique view beats its duplicated twin; the dead (constant) unit ranks last.
     assert u[2] > 5 * max(u[0], u[1]) and u[3] < min(u[0], u[1], u[2])
     costly = IBScore(beta=1.0).unit_scores(st[0])
     assert costly[0] < u[0] and costly[3] < min(costly[:3])
+    assert score.logs() == {}  # logs are measured on request only
+    score.measure(st[0])
     logs = score.logs()
     assert 0.3 < logs["I_TY/hidden"] <= np.log(2) and logs["I_XT/hidden"] > logs["I_TY/hidden"]
 
@@ -80,7 +82,9 @@ def test_ib_binned_estimator_for_logs_and_units():
     x[:, 1] = rng.normal(size=len(x)) * x[:, 0].std()
     model = _linear_model(np.eye(2))
     score = IBScore(estimator="binned")
-    u = score.unit_scores(_stats(model, x, y, score)[0])
+    st = _stats(model, x, y, score, log=True)[0]
+    u = score.unit_scores(st)
+    score.measure(st)
     assert np.all(np.isfinite(u)) and u[0] > u[1]
     assert 0 < score.logs()["I_TY/hidden"] <= np.log(2)
 
