@@ -31,7 +31,6 @@ sys.path.insert(0, str(HERE.parent))
 
 import _data  # noqa: E402
 import _protocol as P  # noqa: E402
-import numpy as np  # noqa: E402
 
 METHODS = ["tfmot", "ib", "magnitude@erk", "wanda@erk", "obs@erk", "gaussian_obd"]
 BASELINES = ["magnitude@erk", "wanda@erk", "obs@erk", "tfmot"]

@@ -18,6 +18,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_ibprune import _keras_compat
+
 L = keras.layers
 CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
 CONV_T = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
@@ -114,7 +116,7 @@ def functional_of(model):
                 f"`keras.Input(...)` or build it first. Received: model={model.name!r}"
             )
         return func
-    if not isinstance(model, keras.Model) or not hasattr(model, "_nodes_by_depth"):
+    if not isinstance(model, keras.Model) or not _keras_compat.has_graph(model):
         raise ValueError(
             "Expected a Functional or Sequential keras.Model (subclassed models have no "
             f"graph to analyse). Received: model={model!r}"
@@ -226,8 +228,8 @@ class Graph:
         self.sites = []  # producer records consuming a tracked tensor
         self.recs = []
         extra = set(members)
-        depths = sorted(self.model._nodes_by_depth, reverse=True)
-        nodes = [n for d in depths for n in self.model._nodes_by_depth[d]]
+        by_depth = _keras_compat.nodes_by_depth(self.model)
+        nodes = [n for d in sorted(by_depth, reverse=True) for n in by_depth[d]]
         calls = {}
         for n in nodes:
             calls[id(n.operation)] = calls.get(id(n.operation), 0) + 1
@@ -243,7 +245,7 @@ class Graph:
         for x in self.model.outputs:
             s = self.src.get(id(x))
             if s is not None:
-                name = x._keras_history.operation.name
+                name = _keras_compat.producing_layer(x).name
                 self.uf.fix(s, f"it reaches the model output of layer '{name}'")
 
     # ------------------------------------------------------------------ helpers

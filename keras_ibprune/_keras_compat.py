@@ -5,9 +5,15 @@
 - `get_stateless_scope()`: the enclosing `keras.StatelessScope`, or None.
 - `producing_layer(tensor)`: the layer that produced a symbolic tensor (`_keras_history`).
 - `nodes_by_depth(model)`, `outbound_layers(layer)`: the Functional graph.
+- `copy_call_signature(wrapper, layer)`: which of `training` / `mask` Keras passes to
+  `call` (`Layer._call_has_training_arg`, `_call_has_mask_arg`).
+- `tracking_unlocked(layer)`: a context in which a built layer may add weights
+  (`Layer._tracker`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 try:  # Keras >= 3.0 keeps the helper here.
     from keras.src.backend.common.stateless_scope import get_stateless_scope
@@ -39,3 +45,22 @@ def nodes_by_depth(model):
 def outbound_layers(layer):
     """Layers consuming `layer`'s outputs, in graph order."""
     return [n.operation for n in getattr(layer, "_outbound_nodes", [])]
+
+
+def copy_call_signature(wrapper, layer):
+    """Makes Keras pass `training` / `mask` to `wrapper.call` exactly when `layer` takes them."""
+    wrapper._call_has_training_arg = layer._call_has_training_arg
+    wrapper._call_has_mask_arg = layer._call_has_mask_arg
+
+
+@contextlib.contextmanager
+def tracking_unlocked(layer):
+    """Lets `layer` create weights after it was built (the tracker is re-locked after)."""
+    tracker = layer._tracker
+    locked = tracker.locked
+    tracker.unlock()
+    try:
+        yield
+    finally:
+        if locked:
+            tracker.lock()

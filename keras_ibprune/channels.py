@@ -24,6 +24,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_ibprune import _keras_compat
 from keras_ibprune import flops as flops_lib
 from keras_ibprune.shrink import ChannelGroup, channel_groups
 
@@ -66,7 +67,7 @@ class ChannelPolicy:
         self.regrow = bool(regrow)
         self.round_to = round_to
         self.by_name = {w.name: w for w in wrappers}
-        graph_ok = hasattr(model, "_nodes_by_depth") or isinstance(model, keras.Sequential)
+        graph_ok = _keras_compat.has_graph(model) or isinstance(model, keras.Sequential)
         if graph_ok:
             self.groups = [g for g in channel_groups(model) if g.size > 0]
         else:  # subclassed: no graph -> every wrapper alone, every unit prunable

@@ -14,9 +14,10 @@ import gzip
 import os
 import tempfile
 
+import keras
 import numpy as np
 
-from keras_ibprune import _tflite_inspect
+from keras_ibprune import _keras_compat, _tflite_inspect
 
 _QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
 _IO_DTYPES = ("float32", "int8", "uint8")
@@ -81,8 +82,7 @@ class ExportReport:
 
 
 def _strip(model):
-    layers = getattr(model, "_flatten_layers", None)
-    layers = list(layers(include_self=False)) if layers else list(getattr(model, "layers", []))
+    layers = _keras_compat.all_layers(model) if isinstance(model, keras.layers.Layer) else []
     if any(type(layer).__name__ == "PruneWrapper" for layer in layers):
         from keras_ibprune.prune import strip_pruning
 

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from keras_ibprune import _graph as G
+from keras_ibprune import _keras_compat
 
 L = keras.layers
 _RNN_GATES = {L.SimpleRNN: 1, L.LSTM: 4, L.GRU: 3}
@@ -196,23 +197,23 @@ def count_params(model, per_layer=False, effective=False, keep=None):
 
 
 def _is_graph(model):
-    return isinstance(model, keras.Sequential) or hasattr(model, "_nodes_by_depth")
+    return isinstance(model, keras.Sequential) or _keras_compat.has_graph(model)
 
 
 def _leaf_params(model):
-    layers = list(model._flatten_layers(include_self=False, recursive=True))
+    layers = _keras_compat.all_layers(model)
     under = {
         id(sub)
         for la in layers
         if G.is_wrapper(la)
-        for sub in la._flatten_layers(include_self=False, recursive=True)
+        for sub in _keras_compat.all_layers(la)
     }
     table = {}
     for la in layers:
         if G.is_wrapper(la):
             table[la.name] = _weights_size(la.layer)
         elif id(la) not in under and la.weights:
-            if not list(la._flatten_layers(include_self=False, recursive=False)):
+            if not _keras_compat.all_layers(la, recursive=False):
                 table[la.name] = _weights_size(la)
     return table
 

@@ -117,6 +117,10 @@ class IBScore(_InformationLogs, Score):
             ``F_j H_ii`` in the numerator.
         reconstruct: re-fit the surviving weights after each mask update (SparseGPT).
         max_rows: rows (samples × positions) per conv layer for ``H``.
+        fisher_samples: held-out samples whose gradients give ``F_j`` (None = all); the
+            forward statistics always use the whole held-out batch.
+        max_gram_dim: layers with more inputs keep only ``diag H`` (memory ``d_in²``):
+            Optimal Brain Damage ``½ F_j w_ij² H_ii`` and no re-fit there.
         estimator: `"gaussian"` or `"binned"`, for logged information and unit scores.
         beta: weight of compression in unit scores.
         noise_var: σ² of the noise floor for ``I(X; T)``.
@@ -133,8 +137,8 @@ class IBScore(_InformationLogs, Score):
     default_allocation = "global"
 
     def __init__(self, fisher="model", damping=0.01, diagonal_correction=False,
-                 reconstruct=True, max_rows=4096, estimator="gaussian", beta=0.05,
-                 noise_var=1e-2, seed=0):
+                 reconstruct=True, max_rows=4096, fisher_samples=None, max_gram_dim=4096,
+                 estimator="gaussian", beta=0.05, noise_var=1e-2, seed=0):
         if fisher not in ("model", "empirical"):
             raise ValueError("`fisher` must be 'model' or 'empirical'. Received: "
                              f"fisher={fisher!r}")
@@ -144,24 +148,31 @@ class IBScore(_InformationLogs, Score):
         self.diagonal_correction, self.reconstruct_weights = bool(diagonal_correction), bool(
             reconstruct)
         self.max_rows, self.seed = int(max_rows), int(seed)
+        self.fisher_samples = None if fisher_samples is None else int(fisher_samples)
+        self.max_gram_dim = int(max_gram_dim)
         self.estimator = est.check_estimator(estimator)
         self.beta, self.noise_var = float(beta), float(noise_var)
         self._logs = {}
 
     @property
     def statistics(self):
-        return ("gram", "fisher") + (("fisher_x2",) if self.diagonal_correction else ())
+        return ("x2", "gram", "fisher") + (("fisher_x2",) if self.diagonal_correction else ())
 
     def get_config(self):
         return {"fisher": self.fisher, "damping": self.damping,
                 "diagonal_correction": self.diagonal_correction,
                 "reconstruct": self.reconstruct_weights, "max_rows": self.max_rows,
+                "fisher_samples": self.fisher_samples, "max_gram_dim": self.max_gram_dim,
                 "estimator": self.estimator, "beta": self.beta, "noise_var": self.noise_var,
                 "seed": self.seed}
 
     def _factorization(self, stats):
-        if "obs" not in stats.extra and "gram" in stats.summary:
-            stats.extra["obs"] = obs.Factorization(stats.summary["gram"], self.damping)
+        s = stats.summary
+        if "obs" not in stats.extra:
+            if "gram" in s:
+                stats.extra["obs"] = obs.Factorization(s["gram"], self.damping)
+            elif "x2" in s:  # too many inputs to keep H: its diagonal
+                stats.extra["obs"] = obs.Factorization.diagonal(s["x2"], self.damping)
         return stats.extra.get("obs")
 
     def __call__(self, stats):
@@ -176,7 +187,8 @@ class IBScore(_InformationLogs, Score):
             if j == 0 and fact is not None:
                 curv = fisher
                 if self.diagonal_correction and "fisher_x2" in s:
-                    curv = s["fisher_x2"] / np.maximum(np.diag(fact.gram), 1e-30)[:, None]
+                    hd = s["x2"].reshape(-1)
+                    curv = s["fisher_x2"] / np.maximum(hd, 1e-30)[:, None]
                 out.append(obs.saliency(w, fact, curv))
             else:
                 out.append(_spread(w, fisher * s["z2"]))
@@ -220,7 +232,7 @@ class OBSScore(IBScore):
 
     @property
     def statistics(self):
-        return ("gram",)
+        return ("x2", "gram")
 
     def __call__(self, stats):
         fact = self._factorization(stats)

@@ -126,18 +126,15 @@ def apply_masks(wrapper, masks, weights=None, zero_weights=True):
             new = np.asarray(new).reshape(tuple(w.shape))
             if not np.all(np.isfinite(new)):
                 raise ValueError(f"Non-finite weights for layer '{wrapper.name}'.")
-        if zero_weights or new is not None:
-            value = ops.convert_to_numpy(w.value) if new is None else new
-            w.assign((value * m.astype(value.dtype)).astype(w.dtype))
+            w.assign((new * m.astype(new.dtype)).astype(w.dtype))
+        elif zero_weights:
+            w.assign(ops.multiply(w.value, ops.cast(m_var.value, w.dtype)))  # on the device
 
 
 def rezero(wrapper):
-    """Re-applies the current masks to the stored weights (optimizer drift)."""
+    """Re-applies the current masks to the stored weights (optimizer drift), on the device."""
     for w, m in zip(wrapper.prunable_weights, wrapper.masks):
-        mv = ops.convert_to_numpy(m.value)
-        if mv.min() < 1.0:
-            wv = ops.convert_to_numpy(w.value)
-            w.assign(wv * mv.astype(wv.dtype))
+        w.assign(ops.multiply(w.value, ops.cast(m.value, w.dtype)))
 
 
 def mask_sparsity(masks) -> float:

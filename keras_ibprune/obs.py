@@ -21,7 +21,6 @@ every masked weight at exactly zero. ``H`` is damped, ``H + λ mean(diag H) I``.
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import cho_factor, cho_solve, cholesky
 
 
 class Factorization:
@@ -55,6 +54,18 @@ class Factorization:
             raise np.linalg.LinAlgError(f"Singular Cholesky factor (info={info}).")
         self.upper = np.triu(u)
         self.hinv_diag = np.sum(self.upper**2, axis=0)
+
+    @classmethod
+    def diagonal(cls, x2, damping=0.01):
+        """Diagonal stand-in when the Gram matrix is too large to keep: ``H ≈ diag(E[x²])``
+        (Optimal Brain Damage); no `upper`, so no re-fit."""
+        self = cls.__new__(cls)
+        d = np.asarray(x2, np.float64).reshape(-1)
+        mean = float(d.mean()) if d.size else 0.0
+        self.gram = None
+        self.upper = None
+        self.hinv_diag = 1.0 / (d + float(damping) * mean + 1e-10 * max(mean, 1e-30) + 1e-30)
+        return self
 
     @property
     def hinv(self):
@@ -90,6 +101,8 @@ def reconstruct(kernel, mask, fact, block=128):
         The new kernel (float of the input dtype), exactly zero where `mask` is 0.
     """
     shape, dtype = np.shape(kernel), np.asarray(kernel).dtype
+    if fact.upper is None:  # diagonal stand-in: the optimal re-fit is no change
+        return (np.asarray(kernel) * (np.asarray(mask) != 0)).astype(dtype)
     w = np.array(kernel, dtype=np.float64).reshape(-1, shape[-1])
     drop = np.asarray(mask).reshape(w.shape) == 0
     u = fact.upper

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_ibprune import registry
+from keras_ibprune import _keras_compat, registry
 from keras_ibprune.stats import find_wrappers
 from keras_ibprune.wrapper import PruneWrapper
 
@@ -26,7 +26,7 @@ def _is_graph_model(model):
 
 
 def _all_layers(model):
-    return list(model._flatten_layers(include_self=False, recursive=True))
+    return _keras_compat.all_layers(model)
 
 
 def _copy_layer(layer):

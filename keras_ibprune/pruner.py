@@ -219,6 +219,8 @@ class Pruner:
                 self.model, self.wrappers, needs, output=self.output,
                 fisher=getattr(self.score, "fisher", "model"),
                 max_rows=getattr(self.score, "max_rows", 4096),
+                fisher_samples=getattr(self.score, "fisher_samples", None),
+                max_gram_dim=getattr(self.score, "max_gram_dim", 4096),
                 seed=getattr(self.score, "seed", 0))
         self._outputs = self._output_wrappers()
         self.last_target = self.current_sparsity()

@@ -23,6 +23,7 @@ import numpy as np
 from keras import ops
 
 from keras_ibprune import _graph as G
+from keras_ibprune import _keras_compat
 
 
 @dataclasses.dataclass
@@ -342,7 +343,7 @@ def _rebuild(graph, keep, plan):
     func = graph.model
     tmap, cache = {}, {}
     for x in func.inputs:
-        name = x._keras_history.operation.name
+        name = _keras_compat.producing_layer(x).name
         tmap[id(x)] = keras.Input(batch_shape=x.shape, dtype=x.dtype, name=name)
 
     def rem_of(tid):

@@ -152,7 +152,7 @@ def _gather(a, idx):
     return ops.reshape(g, (-1, ops.shape(a)[-1]))
 
 
-def _layer_stats(wrapper, kind, recs, grads, needs, rows_per_sample):
+def _layer_stats(wrapper, kind, recs, grads, needs, rows_per_sample, max_gram_dim):
     """Sums over this batch for one wrapper (every call of a reused layer counts)."""
     out = {}
     first = True
@@ -179,9 +179,10 @@ def _layer_stats(wrapper, kind, recs, grads, needs, rows_per_sample):
             xs = _sampled_inputs(x, wrapper.layer, kind, idx, positions, out_hw)
             part["x2"] = ops.sum(ops.square(xs), axis=0)
             part["rows_sampled"] = ops.cast(ops.shape(xs)[0], "float32")
-            if "gram" in needs:
+            if "gram" in needs and xs.shape[-1] <= max_gram_dim:
                 part["gram"] = ops.matmul(ops.transpose(xs), xs)
             if "fisher_x2" in needs and g3 is not None:
+                part["rows_fisher"] = part["rows_sampled"]
                 gs = _gather(g3, idx)
                 part["fisher_x2"] = ops.matmul(ops.transpose(ops.square(xs)), ops.square(gs))
         for k, v in part.items():
@@ -252,12 +253,16 @@ class StatisticsPass:
             information) or `"empirical"` (the held-out labels).
         max_rows: rows (samples × sampled positions) per conv layer for `gram`,
             `fisher_x2` and `rows`.
+        fisher_samples: held-out samples (the first ones, whole batches) whose gradients
+            give the Fisher statistics; None = all. The forward statistics always use all.
+        max_gram_dim: layers with more inputs get no `gram` (memory `d_in²`); scores then
+            fall back to the diagonal `x2`.
         batch_size: samples per traced call.
         seed: seed of the label sampling.
     """
 
     def __init__(self, model, wrappers, needs, output=None, fisher="model", max_rows=4096,
-                 batch_size=256, seed=0):
+                 fisher_samples=None, max_gram_dim=4096, batch_size=256, seed=0):
         unknown = set(needs) - set(STATISTICS)
         if unknown:
             raise ValueError(f"Unknown statistics. Expected names from {STATISTICS}. "
@@ -268,27 +273,30 @@ class StatisticsPass:
         self.model, self.wrappers, self.needs = model, list(wrappers), set(needs)
         self.output, self.fisher, self.seed = output, fisher, int(seed)
         self.max_rows, self.batch_size = int(max_rows), int(batch_size)
+        self.fisher_samples = None if fisher_samples is None else int(fisher_samples)
+        self.max_gram_dim = int(max_gram_dim)
         self.kinds = [layer_kind(w.layer) for w in self.wrappers]
         self.gradients = bool(self.needs & {"fisher", "fisher_x2"})
-        self._fn, self._key, self._lik = None, None, None
+        self._fns, self._lik = {}, None
 
-    def _batch(self, x, u, target, lik, rows_per_sample):
+    def _batch(self, x, u, target, lik, rows_per_sample, with_grad):
         recs = {id(w): [] for w in self.wrappers}
         try:
             for w in self.wrappers:
                 w._capture = recs[id(w)]
-            grads = self._forward_backward(x, u, target, lik, recs)
+            grads = self._forward_backward(x, u, target, lik, recs, with_grad)
         finally:
             for w in self.wrappers:
                 w._capture = None
         out = []
         for w, kind in zip(self.wrappers, self.kinds):
             gs = grads.get(id(w)) or [None] * len(recs[id(w)])
-            out.append(_layer_stats(w, kind, recs[id(w)], gs, self.needs, rows_per_sample))
+            out.append(_layer_stats(w, kind, recs[id(w)], gs, self.needs, rows_per_sample,
+                                    self.max_gram_dim))
         return out
 
-    def _forward_backward(self, x, u, target, lik, recs):
-        if not self.gradients:
+    def _forward_backward(self, x, u, target, lik, recs, with_grad):
+        if not with_grad:
             self.model(x, training=False)
             return {}
         if keras.backend.backend() != "tensorflow":
@@ -310,18 +318,19 @@ class StatisticsPass:
             grads.setdefault(key, []).append(gi)
         return grads
 
-    def _compiled(self, lik, rows_per_sample, has_target):
-        key = (lik, rows_per_sample, has_target)
-        if self._fn is None or self._key != key:
+    def _compiled(self, lik, rows_per_sample, has_target, with_grad):
+        key = (lik, rows_per_sample, has_target, with_grad)
+        if key not in self._fns:
             def fn(x, u, target):
-                return self._batch(x, u, target if has_target else None, lik, rows_per_sample)
+                return self._batch(x, u, target if has_target else None, lik, rows_per_sample,
+                                   with_grad)
 
             if keras.backend.backend() == "tensorflow":
                 import tensorflow as tf
 
                 fn = tf.function(fn, reduce_retracing=True, autograph=False)
-            self._fn, self._key = fn, key
-        return self._fn
+            self._fns[key] = fn
+        return self._fns[key]
 
     def __call__(self, x, y):
         """Returns one dict of numpy statistics per wrapper (see the module doc)."""
@@ -342,10 +351,13 @@ class StatisticsPass:
         u = (rng.normal(size=(n, width)) if lik == "gaussian" else rng.random(n)).astype(
             "float32")
         rows_per_sample = max(1, -(-self.max_rows // max(n, 1)))
-        fn = self._compiled(lik, rows_per_sample, target is not None)
-        totals = None
+        n_fisher = n if self.fisher_samples is None else min(n, self.fisher_samples)
+        totals, fisher_seen = None, 0
         for i in range(0, n, self.batch_size):
             sl = slice(i, i + self.batch_size)
+            with_grad = self.gradients and i < n_fisher
+            fisher_seen += len(x[sl]) if with_grad else 0
+            fn = self._compiled(lik, rows_per_sample, target is not None, with_grad)
             tb = None if target is None else ops.convert_to_tensor(target[sl])
             parts = fn(ops.convert_to_tensor(x[sl]), ops.convert_to_tensor(u[sl]), tb)
             if totals is None:
@@ -357,11 +369,11 @@ class StatisticsPass:
                     if k in ("t_mean", "z_rows", "t_rows"):
                         tot[k].append(v)
                     elif k != "positions":
-                        tot[k] = tot[k] + v
-        return [self._finish(w, kind_, tot, n) for w, kind_, tot in
+                        tot[k] = tot[k] + v if k in tot else v
+        return [self._finish(w, kind_, tot, n, fisher_seen) for w, kind_, tot in
                 zip(self.wrappers, self.kinds, totals or [{}] * len(self.wrappers))]
 
-    def _finish(self, w, kind, tot, n):
+    def _finish(self, w, kind, tot, n, n_fisher):
         s = {"kind": kind}
         if not tot:
             return s
@@ -379,7 +391,7 @@ class StatisticsPass:
             if k in tot:
                 s[k] = np.concatenate([_np(v) for v in tot[k]]).astype(np.float64)
         if "fisher" in tot:
-            s["fisher"] = _np(tot["fisher"]).astype(np.float64) / n
+            s["fisher"] = _np(tot["fisher"]).astype(np.float64) / max(n_fisher, 1)
         if "x2" in tot:
             kshape = tuple(w.prunable_weights[0].shape)
             m = float(_np(tot["rows_sampled"]))
@@ -387,7 +399,8 @@ class StatisticsPass:
             if "gram" in tot:
                 s["gram"] = _np(tot["gram"]).astype(np.float64) / m
             if "fisher_x2" in tot:
-                s["fisher_x2"] = _np(tot["fisher_x2"]).astype(np.float64) / m * positions
+                mf = float(_np(tot["rows_fisher"]))
+                s["fisher_x2"] = _np(tot["fisher_x2"]).astype(np.float64) / mf * positions
         return s
 
 

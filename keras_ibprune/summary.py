@@ -5,19 +5,19 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
-from keras_ibprune import registry
+from keras_ibprune import _keras_compat, registry
 from keras_ibprune.wrapper import PruneWrapper
 
 
 def _rows(model):
     rows, seen = [], set()
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _keras_compat.all_layers(model):
         if id(layer) in seen:
             continue
         seen.add(id(layer))
         if isinstance(layer, PruneWrapper) or registry.is_prunable(layer):
             # Sub-layers of a counted layer (the wrapped layer, MHA projections) are not rows.
-            seen.update(id(sub) for sub in layer._flatten_layers(include_self=False))
+            seen.update(id(sub) for sub in _keras_compat.all_layers(layer))
         if isinstance(layer, PruneWrapper):
             if not layer.built:
                 continue
@@ -123,8 +123,8 @@ def plot_information_plane(history, layers=None, ax=None):
     """Draws each layer's path in the information plane `(I(X;T), I(T;Y))` over epochs.
 
     Reads the `I_XT/<layer>` and `I_TY/<layer>` entries that
-    `IBPruning(..., log_information=True)` writes into the epoch logs (Shwartz-Ziv & Tishby, 2017). Needs matplotlib (an
-    optional dependency).
+    `IBPruning(..., log_information=True)` writes into the epoch logs (Shwartz-Ziv &
+    Tishby, 2017). Needs matplotlib (an optional dependency).
 
     Args:
         history: the `keras.callbacks.History` returned by `fit`, or its `.history` dict.

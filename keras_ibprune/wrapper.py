@@ -16,8 +16,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_ibprune import registry
-from keras_ibprune._keras_compat import get_stateless_scope
+from keras_ibprune import _keras_compat, registry
 
 GRANULARITIES = ("weight", "channel")
 
@@ -104,8 +103,7 @@ class PruneWrapper(keras.layers.Wrapper):
         self._masks_built = False
         self._capture = None  # set by keras_ibprune.stats while capturing activations
         self.supports_masking = getattr(layer, "supports_masking", False)
-        self._call_has_training_arg = layer._call_has_training_arg
-        self._call_has_mask_arg = layer._call_has_mask_arg
+        _keras_compat.copy_call_signature(self, layer)
 
     def __setattr__(self, name, value):
         if name == "_capture":
@@ -172,13 +170,8 @@ class PruneWrapper(keras.layers.Wrapper):
             # Layers whose build needs several inputs (MultiHeadAttention) build on
             # their first (symbolic) call; masks follow.
             self.layer(*args, **kwargs)
-            locked = self._tracker.locked
-            self._tracker.unlock()
-            try:
+            with _keras_compat.tracking_unlocked(self):
                 self._build_masks()
-            finally:
-                if locked:
-                    self._tracker.lock()
         capture = self._capture
         if self.granularity == "weight" and any(True for _ in self.masks):
             outputs, preact = self._masked_call(args, kwargs, capture is not None)
@@ -209,7 +202,7 @@ class PruneWrapper(keras.layers.Wrapper):
             (w, ops.multiply(w.value, ops.cast(m.value, w.dtype)))
             for w, m in zip(self.prunable_weights, self.masks)
         ]
-        outer = get_stateless_scope()
+        outer = _keras_compat.get_stateless_scope()
         with keras.StatelessScope(mapping) as scope:
             if outer is not None:
                 # Keep the enclosing stateless values (JAX training, symbolic builds).

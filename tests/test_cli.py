@@ -1,6 +1,7 @@
 """The `keras-ibprune` commands: real outputs (sparse files, exports) and clear errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,8 @@ def files(tmp_path_factory):
     """A trained digits CNN saved as .keras, and train / held-out / bad .npz files."""
     d = tmp_path_factory.mktemp("cli")
     keras.utils.set_random_seed(0)
-    (xtr, ytr), (xval, yval), _ = cli._digits(0)
-    model = cli._demo_model()
+    (xtr, ytr), (xval, yval), _ = cli.digits(0)
+    model = cli.demo_model()
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(xtr, ytr, epochs=3, batch_size=64, verbose=0)
     model.save(d / "model.keras")
@@ -55,11 +56,30 @@ def test_help_for_every_command(capsys):
 
 def test_console_script_help():
     exe = Path(sys.executable).with_name("keras-ibprune")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "keras_ibprune.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "keras_ibprune_cli"]
     out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     for name in ("demo", "prune", "export", "summary", "bench"):
         assert name in out.stdout
+
+
+def test_cli_parses_before_importing_keras():
+    code = ("import sys, keras_ibprune_cli as c; c.build_parser().parse_args(['summary', 'm']);"
+            "print(sorted(m for m in ('keras', 'tensorflow', 'keras_ibprune') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_console_script_drops_native_log_lines(files):
+    exe = Path(sys.executable).with_name("keras-ibprune")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "keras_ibprune_cli"]
+    out = subprocess.run([*cmd, "summary", str(files / "model.keras")], capture_output=True,
+                         text=True, timeout=120, env={k: v for k, v in os.environ.items()
+                                                      if k != "TF_CPP_MIN_LOG_LEVEL"})
+    assert out.returncode == 0 and "conv1" in out.stdout
+    assert out.stderr == "", out.stderr[:500]
 
 
 def test_prune_one_shot_writes_a_sparse_plain_model(files, tmp_path, capsys):

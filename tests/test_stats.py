@@ -86,7 +86,21 @@ def test_traced_once_and_reused():
     sp = S.StatisticsPass(model, S.find_wrappers(model), ("gram", "fisher"), batch_size=32)
     sp(x, y)
     sp(x * 2, y)
-    assert sp._fn.experimental_get_tracing_count() == 1
+    assert [f.experimental_get_tracing_count() for f in sp._fns.values()] == [1]
+
+
+def test_fisher_on_a_subset_and_gram_cap():
+    model = _cnn()
+    x, y = _xy(n=64)
+    ws = S.find_wrappers(model)
+    full = S.StatisticsPass(model, ws, ("gram", "fisher"), fisher="empirical",
+                            batch_size=16)(x[:16], y[:16])
+    part = S.StatisticsPass(model, ws, ("gram", "fisher"), fisher="empirical", batch_size=16,
+                            fisher_samples=16, max_gram_dim=20)(x, y)
+    # The Fisher comes from the first 16 samples only; the forward statistics from all 64.
+    np.testing.assert_allclose(part[0]["fisher"], full[0]["fisher"], rtol=1e-5)
+    assert part[0]["gram"].shape == (18, 18) and "gram" not in part[1]  # 196 inputs > 20
+    assert part[1]["x2"].shape == (196,)
 
 
 def test_nan_activations_name_the_layer():
