@@ -8,7 +8,9 @@ parameters and file sizes are printed before and after.
 
 Data: the MNIST IDX files (`t10k-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz`) in
 `--data-dir` (default: `$KIB_MNIST_DIR`, else `../shared/data/mnist-t10k` next to the
-repository); without them scikit-learn's 8x8 digits are used.
+repository). `--data mnist` requires them (an error names the folder when they are
+missing); `--data digits` uses scikit-learn's 8x8 digits; `--data auto` (default) falls
+back to digits with a warning on stderr.
 
     python examples/mnist_cnn.py --data-dir ../shared/data/mnist-t10k
     python examples/mnist_cnn.py --quick          # (or KIB_QUICK=1) a small smoke run
@@ -20,6 +22,7 @@ import argparse
 import gzip
 import os
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -44,11 +47,19 @@ def read_idx(path):
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_data(data_dir, n_train, seed=0):
+def load_data(data_dir, n_train, seed=0, data="auto"):
     """`(train, held_out, test)` splits of MNIST (from IDX files) or of sklearn digits."""
     d = pathlib.Path(data_dir) if data_dir else None
     images = d / "t10k-images-idx3-ubyte.gz" if d else None
-    if images is not None and images.exists():
+    found = images is not None and images.exists()
+    if data == "mnist" and not found:
+        raise SystemExit(f"mnist_cnn.py: error: MNIST IDX files not found. Expected "
+                         f"t10k-images-idx3-ubyte.gz in --data-dir. Received: {data_dir}")
+    if data == "auto" and not found:
+        print(f"warning: MNIST IDX files not found in {data_dir}; using scikit-learn's 8x8 "
+              "digits instead (pass --data-dir DIR, or --data digits to silence this)",
+              file=sys.stderr)
+    if found and data != "digits":
         x = read_idx(images)[..., None].astype("float32") / 255.0
         y = read_idx(d / "t10k-labels-idx1-ubyte.gz").astype("int64")
         name = f"MNIST ({d})"
@@ -58,7 +69,7 @@ def load_data(data_dir, n_train, seed=0):
         digits = load_digits()
         x = (digits.images / 16.0).astype("float32")[..., None]
         y = digits.target.astype("int64")
-        name = "scikit-learn digits (MNIST IDX files not found)"
+        name = "scikit-learn digits"
     order = np.random.default_rng(seed).permutation(len(x))
     x, y = x[order], y[order]
     n_eval = min(1000, len(x) // 5)
@@ -90,6 +101,9 @@ def main(argv=None):
     quick_env = os.environ.get("KIB_QUICK") == "1"
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=DEFAULT_MNIST, help="folder with the MNIST IDX files")
+    p.add_argument("--data", choices=["auto", "mnist", "digits"], default="auto",
+                   help="mnist (files required), digits, or auto (mnist if found, with a "
+                        "warning otherwise)")
     p.add_argument("--sparsity", type=float, default=0.9, help="target sparsity")
     p.add_argument("--epochs", type=int, default=None, help="dense training epochs")
     p.add_argument("--prune-epochs", type=int, default=None, help="pruning + fine-tuning epochs")
@@ -106,7 +120,7 @@ def main(argv=None):
 
     start = time.perf_counter()
     keras.utils.set_random_seed(0)
-    name, (xtr, ytr), (xval, yval), (xte, yte) = load_data(args.data_dir, n_train)
+    name, (xtr, ytr), (xval, yval), (xte, yte) = load_data(args.data_dir, n_train, data=args.data)
     print(f"data: {name}: {len(xtr)} train / {len(xval)} held-out / {len(xte)} test")
 
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

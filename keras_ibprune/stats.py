@@ -352,9 +352,10 @@ class StatisticsPass:
             "float32")
         rows_per_sample = max(1, -(-self.max_rows // max(n, 1)))
         n_fisher = n if self.fisher_samples is None else min(n, self.fisher_samples)
+        step = -(-n // -(-n // self.batch_size))  # equal batches: no retrace for a remainder
         totals, fisher_seen = None, 0
-        for i in range(0, n, self.batch_size):
-            sl = slice(i, i + self.batch_size)
+        for i in range(0, n, step):
+            sl = slice(i, i + step)
             with_grad = self.gradients and i < n_fisher
             fisher_seen += len(x[sl]) if with_grad else 0
             fn = self._compiled(lik, rows_per_sample, target is not None, with_grad)

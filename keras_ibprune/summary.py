@@ -53,7 +53,13 @@ def _rows(model):
 
 
 class SparsitySummary:
-    """Per-layer sparsity table; `print()` it or use `as_dict()`."""
+    """Per-layer sparsity table; `print()` it or use `as_dict()`.
+
+    Two totals, labelled: `sparsity` over every prunable weight of the model (wrapped or
+    not), and `pruned_sparsity` over the wrapped layers only — the figure `IBPruning` logs
+    as `sparsity` and the schedule targets. They differ when some prunable layers are left
+    unwrapped (`kib.prune(model, layers=[...])` or `exclude=`).
+    """
 
     def __init__(self, rows):
         self.rows = rows
@@ -71,12 +77,20 @@ class SparsitySummary:
         t = self.total_weights
         return 1.0 - self.total_nonzero / t if t else 0.0
 
+    @property
+    def pruned_sparsity(self):
+        """Fraction of zeros over the wrapped layers (None when nothing is wrapped)."""
+        rows = [r for r in self.rows if r["wrapped"]]
+        t = sum(r["weights"] for r in rows)
+        return 1.0 - sum(r["nonzero"] for r in rows) / t if t else None
+
     def as_dict(self):
         return {
             "layers": {r["layer"]: dict(r) for r in self.rows},
             "total_weights": self.total_weights,
             "total_nonzero": self.total_nonzero,
             "sparsity": self.sparsity,
+            "pruned_sparsity": self.pruned_sparsity,
         }
 
     def __getitem__(self, key):
@@ -96,6 +110,13 @@ class SparsitySummary:
             f"{'total':<{w}}  {'':<18} {self.total_weights:>9} {self.total_nonzero:>9} "
             f"{self.sparsity:>8.2%}"
         )
+        wrapped = [r for r in self.rows if r["wrapped"]]
+        if wrapped and len(wrapped) < len(self.rows):  # the callback's figure, labelled
+            lines.append(
+                f"{'pruned layers':<{w}}  {'(IBPruning sparsity)':<18} "
+                f"{sum(r['weights'] for r in wrapped):>9} "
+                f"{sum(r['nonzero'] for r in wrapped):>9} {self.pruned_sparsity:>8.2%}"
+            )
         return "\n".join(lines)
 
     __repr__ = __str__
