@@ -23,7 +23,7 @@ INCLUDE = re.compile(r"^<!-- include (results/[\w./-]+\.md) -->$")
 
 def _embed(path):
     lines = (HERE / path).read_text(encoding="utf-8").rstrip("\n").splitlines()
-    if lines and lines[0].startswith("# "):
+    if lines and lines[0].startswith("#"):
         lines = lines[1:]
     out = []
     for line in lines:
