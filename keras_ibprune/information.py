@@ -177,10 +177,10 @@ class IBScore(_InformationLogs, Score):
 
     def __call__(self, stats):
         s = stats.summary
-        if "fisher" not in s:
-            return [np.abs(w) for w in stats.weights]
-        fisher = s["fisher"]
         fact = self._factorization(stats)
+        if "fisher" not in s:  # no gradients (not the TF backend): label-free OBS
+            return OBSScore.__call__(self, stats)
+        fisher = s["fisher"]
         out = []
         for j, w in enumerate(stats.weights):
             w = np.asarray(w, np.float64)

@@ -64,7 +64,8 @@ class Pruner:
         steps_per_epoch: needed only for tfmot (step-based) schedules.
         verbose: 1 prints one line per mask update.
         output: for multi-output models, the index or name of the output whose prediction
-            the information score preserves.
+            the information score preserves (layers that do not feed it cost no information
+            and go first: `exclude` them to keep them).
         exclude: names of wrapped layers to leave dense (not counted in the budget).
         keep_connected: `"outputs"` (default): every unit of the model's output layer keeps
             at least one weight; `"all"`: every unit of every layer; False: no constraint.

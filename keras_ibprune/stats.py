@@ -6,8 +6,8 @@ pass with every `PruneWrapper` recording `(input, pre-activation, output)`, the
 log-likelihood of a label sampled from the model's own prediction, its gradient with
 respect to every layer's pre-activation, and the per-layer sufficient statistics. Only
 those statistics leave the function (``O(Σ d_in² + d_in·units)`` numbers per layer); they
-are summed over batches on the device and converted to numpy once. Other backends run
-the same computation eagerly.
+are summed over batches on the device and converted to numpy once. Other backends run the
+forward statistics eagerly and skip the Fisher ones (a warning says so).
 
 Per Dense / Conv1D / Conv2D layer (inputs ``x`` are the im2col rows feeding one output
 position, in the kernel's ``(kh, kw, c_in)`` layout; ``g = ∂ log p(ŷ|x) / ∂z`` with
@@ -28,6 +28,7 @@ rows. `capture` (full activations, eager) and `weight_gradients` serve custom sc
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import keras
 import numpy as np
@@ -277,6 +278,15 @@ class StatisticsPass:
         self.max_gram_dim = int(max_gram_dim)
         self.kinds = [layer_kind(w.layer) for w in self.wrappers]
         self.gradients = bool(self.needs & {"fisher", "fisher_x2"})
+        if self.gradients and keras.backend.backend() != "tensorflow":
+            warnings.warn(
+                "The Fisher statistics need the TensorFlow backend for now; on the "
+                f"{keras.backend.backend()!r} backend they are skipped and the 'ib' score falls "
+                "back to the label-free OBS saliency ½ w² / [H⁻¹]_ii (score='obs' also uses "
+                "it, with allocation='erk').",
+                stacklevel=3,
+            )
+            self.gradients = False
         self._fns, self._lik = {}, None
 
     def _batch(self, x, u, target, lik, rows_per_sample, with_grad):
@@ -296,15 +306,9 @@ class StatisticsPass:
         return out
 
     def _forward_backward(self, x, u, target, lik, recs, with_grad):
-        if not with_grad:
-            self.model(x, training=False)
+        if not with_grad or keras.backend.backend() != "tensorflow":
+            self.model(x, training=False)  # other backends: no Fisher (see `__init__`)
             return {}
-        if keras.backend.backend() != "tensorflow":
-            raise NotImplementedError(
-                "Fisher statistics (the default 'ib' score) need the TensorFlow backend for "
-                "now; use score='magnitude' / 'activation' / 'obs' on other backends. "
-                f"Received: backend={keras.backend.backend()!r}"
-            )
         import tensorflow as tf  # lazily: gradients w.r.t. intermediate activations
 
         with tf.GradientTape() as tape:
