@@ -258,6 +258,7 @@ def format_report(report):
         ("max |Keras - TFLite|", fmt(report.max_abs_diff, ".3g")),
         ("top-1 agreement", fmt(report.top1_agreement, ".4f")),
         ("verify samples", str(report.verify_samples)),
+        ("verified on", fmt(getattr(report, "verified_on", None))),
         ("median latency (1 thread)", f"{fmt(report.latency_ms, '.4f')} ms"),
         ("interpreter", fmt(report.interpreter)),
         ("ops", ", ".join(f"{k} x{v}" for k, v in count(report.ops).items())),

@@ -57,6 +57,7 @@ class ExportReport:
     max_abs_diff: float | None = None
     top1_agreement: float | None = None
     verify_samples: int = 0
+    verified_on: str | None = None
     latency_ms: float | None = None
     interpreter: str | None = None
     params: int | None = None
@@ -219,7 +220,8 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
             `"int8"`; the first 200 samples are used.
         verify: Run the file and compare it with Keras before keeping it.
         verify_data: Inputs for verification; defaults to `representative_data`
-            or, failing that, 32 random normal samples.
+            or, failing that, 32 random normal samples (weak: pass real inputs). The
+            report's `verified_on` says which.
         io_dtype: Input/output dtype of an `"int8"` file: `"float32"`,
             `"int8"` or `"uint8"`.
         tolerance: Max allowed |Keras - TFLite| relative to max(1, max |Keras|).
@@ -265,12 +267,15 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
     representative = _check_data("representative_data", representative_data, shape)
     verify_x = _check_data("verify_data", verify_data, shape)
     notes = []
+    verified_on = None if verify_x is None else f"verify_data ({len(verify_x)} samples)"
     if verify and verify_x is None:
         if representative is not None:
             verify_x = representative
+            verified_on = f"representative_data ({len(verify_x)} samples; no verify_data)"
         else:
             verify_x = np.random.default_rng(0).normal(size=(32,) + shape[1:]).astype("float32")
-            notes.append("verified on 32 random normal inputs (no verify_data given)")
+            verified_on = ("32 random N(0, 1) inputs, NOT real data (pass verify_data= to "
+                           "verify on your inputs)")
 
     tflite = _convert(model, shape, sparse, quantize, representative, io_dtype)
     if sparse:
@@ -288,7 +293,8 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
         report = ExportReport(
             path=path, quantize=quantize, sparse=sparse, file_bytes=len(tflite),
             gzip_bytes=len(gzip.compress(tflite, 9)), ops=ops, tensors=tensors,
-            params=params, nonzero_params=nonzero, flops=flops, notes=notes)
+            params=params, nonzero_params=nonzero, flops=flops, notes=notes,
+            verified_on=verified_on if verify else None)
         runner = _tflite_inspect.Runner(tmp)
         if verify:
             _verify(model, runner, verify_x, quantize, tolerance, min_agreement, report)

@@ -319,8 +319,19 @@ def test_report_is_serializable_and_printable(pruned, data, tmp_path):
     assert as_dict["op_counts"]["DENSIFY"] == report.ops.count("DENSIFY")
     assert as_dict["size_ratio"] == pytest.approx(report.file_bytes / report.dense_float_bytes)
     text = str(report)
-    for needle in ("file bytes", "gzip bytes", "top-1 agreement", "sparse block 1x4", "DENSIFY"):
+    for needle in ("file bytes", "gzip bytes", "top-1 agreement", "sparse block 1x4", "DENSIFY",
+                   "verified on", "verify_data (16 samples)"):
         assert needle in text
+
+
+def test_report_says_what_it_verified_against(pruned, data, tmp_path):
+    x = data[0]
+    plain = export_tflite(pruned, tmp_path / "a.tflite", **FAST)
+    assert plain.verified_on.startswith("32 random N(0, 1) inputs, NOT real data")
+    calib = export_tflite(pruned, tmp_path / "b.tflite", quantize="int8",
+                          representative_data=x[:40], min_agreement=0.9, **FAST)
+    assert calib.verified_on.startswith("representative_data (40 samples")
+    assert export_tflite(pruned, tmp_path / "c.tflite", verify=False, **FAST).verified_on is None
 
 
 def test_cli_helper(pruned, data, tmp_path):
