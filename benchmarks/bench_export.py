@@ -134,7 +134,7 @@ sys.path[:0] = [os.environ["KIB_BENCH_DIR"], os.environ["KIB_REPO"]]
 import tensorflow as tf, tf_keras
 import tensorflow_model_optimization as tfmot
 import _data
-from keras_ibprune.export import evaluate
+from keras_ibprune.metrics import evaluate
 args = json.loads(sys.argv[1])
 d = np.load(args["data"])
 weights = np.load(args["weights"])
@@ -200,7 +200,8 @@ def main(argv=None):
     import keras
     import tensorflow as tf
 
-    from keras_ibprune.export import evaluate, export_tflite
+    from keras_ibprune.export import export_tflite
+    from keras_ibprune.metrics import evaluate
 
     tf.config.threading.set_inter_op_parallelism_threads(1)
     tf.config.threading.set_intra_op_parallelism_threads(2)

@@ -18,9 +18,10 @@ from keras_ibprune import (
     stats,
 )
 from keras_ibprune.callbacks import IBPruning
-from keras_ibprune.export import ExportReport, ExportVerificationError, evaluate, export_tflite
+from keras_ibprune.export import ExportReport, ExportVerificationError, export_tflite
 from keras_ibprune.flops import count_flops, count_params
 from keras_ibprune.information import GaussianOBDScore, IBScore, OBSScore
+from keras_ibprune.metrics import evaluate
 from keras_ibprune.prune import prune, strip_pruning
 from keras_ibprune.pruner import Pruner
 from keras_ibprune.registry import get_prunable_weights, is_prunable, register_prunable

@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 
 from keras_ibprune import _tflite_inspect
-from keras_ibprune.export import (
-    ExportReport,
-    ExportVerificationError,
-    evaluate,
-    export_tflite,
-    run_export_cli,
-)
+from keras_ibprune.export import ExportReport, ExportVerificationError, export_tflite
+from keras_ibprune.metrics import evaluate
 
 FAST = {"compare_dense": False, "latency_runs": 0}
 
@@ -293,24 +288,6 @@ def test_unsupported_op_is_named(tmp_path):
     assert _only_file(tmp_path) == []
 
 
-def test_evaluate_matches_hand_computed_metrics():
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Identity()])
-    x = np.eye(3, dtype="float32")[[0, 0, 1, 2, 2, 2]]  # predictions: 0 0 1 2 2 2
-    y = np.array([0, 1, 1, 2, 2, 0])
-    metrics = evaluate(model, x, y)
-    # class 0: p=1/2 r=1/2; class 1: p=1 r=1/2; class 2: p=2/3 r=1
-    assert metrics["accuracy"] == pytest.approx(4 / 6)
-    assert metrics["precision"] == pytest.approx((0.5 + 1 + 2 / 3) / 3)
-    assert metrics["recall"] == pytest.approx((0.5 + 0.5 + 1) / 3)
-    f1 = [0.5, 2 * 0.5 / 1.5, 2 * (2 / 3) / (5 / 3)]
-    assert metrics["f1"] == pytest.approx(np.mean(f1))
-    assert evaluate(model, x, np.eye(3)[y]) == metrics  # one-hot labels
-    with pytest.raises(ValueError, match="len"):
-        evaluate(model, x, y[:3])
-    with pytest.raises(ValueError, match="missing.tflite"):
-        evaluate("missing.tflite", x, y)
-
-
 def test_report_is_serializable_and_printable(pruned, data, tmp_path):
     report = export_tflite(pruned, tmp_path / "r.tflite", verify_data=data[0][:16],
                            latency_runs=3)
@@ -332,26 +309,3 @@ def test_report_says_what_it_verified_against(pruned, data, tmp_path):
                           representative_data=x[:40], min_agreement=0.9, **FAST)
     assert calib.verified_on.startswith("representative_data (40 samples")
     assert export_tflite(pruned, tmp_path / "c.tflite", verify=False, **FAST).verified_on is None
-
-
-def test_cli_helper(pruned, data, tmp_path):
-    x, y = data
-    model_path = tmp_path / "m.keras"
-    pruned.save(model_path)
-    np.savez(tmp_path / "held_out.npz", x=x[:64], y=y[:64])
-    out = tmp_path / "out.tflite"
-    report = run_export_cli(str(model_path), str(out), quantize="int8",
-                            data_path=str(tmp_path / "held_out.npz"))
-    assert out.exists() and report.quantize == "int8"
-    assert abs(report.metrics["keras"]["accuracy"] - report.metrics["tflite"]["accuracy"]) < 0.05
-
-    with pytest.raises(FileNotFoundError, match="missing.keras"):
-        run_export_cli(str(tmp_path / "missing.keras"), str(out))
-    np.savez(tmp_path / "no_x.npz", inputs=x[:4])
-    with pytest.raises(ValueError, match=r"named 'x'.*inputs"):
-        run_export_cli(str(model_path), str(out), data_path=str(tmp_path / "no_x.npz"))
-    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match="Cannot read"):
-        run_export_cli(str(model_path), str(out), data_path=str(tmp_path / "junk.npz"))
-    with pytest.raises(ValueError, match="--data"):
-        run_export_cli(str(model_path), str(out), quantize="int8")
