@@ -59,8 +59,9 @@ class _InformationLogs:
     log_statistics = ("t_mean",)
 
     def required_statistics(self, granularity="weight", log=False):
-        unit = ("t_mean",) if granularity == "channel" else ()
-        return tuple(self.statistics) + unit + (tuple(self.log_statistics) if log else ())
+        if granularity == "channel":  # unit scores read the per-sample outputs only
+            return ("t_mean",)
+        return tuple(self.statistics) + (tuple(self.log_statistics) if log else ())
 
     def measure(self, stats):
         s = stats.summary
@@ -76,6 +77,9 @@ class _InformationLogs:
 
     def logs(self):
         return dict(self._logs)
+
+    def reset(self):
+        self._logs = {}
 
     def _unit_scores(self, stats):
         """Unique relevance ``u_j`` minus ``β`` times the unit's share of compression."""

@@ -224,6 +224,7 @@ class Pruner:
                 max_gram_dim=getattr(self.score, "max_gram_dim", 4096),
                 seed=getattr(self.score, "seed", 0))
         self._outputs = self._output_wrappers()
+        self.score.reset()
         self.last_target = self.current_sparsity()
 
     def _teacher_labels(self, x):

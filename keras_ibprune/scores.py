@@ -112,6 +112,10 @@ class Score:
         """Quantities to add to the epoch logs (information scores)."""
         return {}
 
+    def reset(self):
+        """Forgets logged quantities (called by `Pruner.reset`, i.e. at train begin). Scores
+        keep no state that decides masks: that lives in the model."""
+
     def get_config(self):
         return {}
 

@@ -3,7 +3,16 @@ import json
 import keras
 import numpy as np
 import pytest
-from _cases import MODEL_KINDS, data, pruned_model, randomize_masks, small_cnn
+from _cases import (
+    LAYER_CASES,
+    LAYER_IDS,
+    MODEL_KINDS,
+    data,
+    make_input,
+    pruned_model,
+    randomize_masks,
+    small_cnn,
+)
 
 import keras_ibprune as kib
 from keras_ibprune.wrapper import PruneWrapper
@@ -171,3 +180,40 @@ def test_functional_model_with_keras_ops_on_symbolic_tensors():
     np.testing.assert_allclose(
         stripped.predict(x, verbose=0), pruned.predict(x, verbose=0), atol=1e-6
     )
+
+
+# ------------------------------------------------ every layer type of the table x granularity
+def _single_layer_model(factory, shape, integer):
+    inp = keras.Input(shape, dtype="int32" if integer else "float32")
+    return keras.Model(inp, factory()(inp))
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+@pytest.mark.parametrize("name,factory,shape,integer", LAYER_CASES, ids=LAYER_IDS)
+def test_layer_table_config_save_load_and_strip(name, factory, shape, integer, granularity,
+                                                tmp_path):
+    if granularity == "channel" and not kib.registry.supports_channels(factory()):
+        pytest.skip(f"{name} has no units to remove")
+    model = _single_layer_model(factory, shape, integer)
+    pruned = kib.prune(model, granularity=granularity)
+    (wrapper,) = kib.stats.find_wrappers(pruned)
+    again = PruneWrapper.from_config(wrapper.get_config())
+    assert again.get_config() == wrapper.get_config()
+    rng = np.random.default_rng(0)
+    masks = [wrapper.unit_mask] if granularity == "channel" else wrapper.masks
+    for m in masks:
+        m.assign((rng.random(tuple(m.shape)) > 0.5).astype("float32"))
+    x = make_input(shape, integer, n=4)
+    masked = np.asarray(pruned(x))
+    pruned.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(np.asarray(loaded(x)), masked, atol=1e-5)
+    for a, b in zip(kib.stats.find_wrappers(loaded)[0].weights, wrapper.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if granularity == "weight" or getattr(factory(), "activation", None) in (
+            None, keras.activations.relu, keras.activations.linear):
+        stripped = kib.strip_pruning(pruned)
+        assert not kib.stats.find_wrappers(stripped)
+        np.testing.assert_allclose(np.asarray(stripped(x)), masked, atol=1e-5)
+    assert kib.count_params(pruned) == kib.count_params(model)
+    assert kib.count_flops(pruned) == kib.count_flops(model)

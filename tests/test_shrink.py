@@ -3,11 +3,15 @@
 import keras
 import numpy as np
 import pytest
+from _cases import LAYER_CASES, make_input
 from keras import layers as L
 from keras import ops
 
 from keras_ibprune.flops import count_params
+from keras_ibprune.registry import supports_channels
 from keras_ibprune.shrink import channel_groups, check_widths, shrink
+
+CHANNEL_CASES = [c for c in LAYER_CASES if supports_channels(c[1]()) and not c[3]]
 
 
 def masked_predict(model, keep, x):
@@ -278,3 +282,29 @@ def test_spatial_concat_reshape_and_nested_models():
     same = shrink(top, keep={})
     x = x_like(top)
     assert np.abs(same.predict(x, verbose=0) - top.predict(x, verbose=0)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("name,factory,shape,integer", CHANNEL_CASES,
+                         ids=[c[0] for c in CHANNEL_CASES])
+def test_layer_table_shrink_is_exact_and_counts_match(name, factory, shape, integer):
+    import keras_ibprune as kib
+
+    inp = keras.Input(shape)
+    h = factory()(inp)
+    model = keras.Model(inp, L.Dense(3, name="head")(L.Flatten()(h)))
+    pruned = kib.prune(model, granularity="channel", exclude=["head"])
+    (w,) = [w for w in kib.stats.find_wrappers(pruned) if w.layer.name != "head"]
+    n = w.unit_mask.shape[0]
+    keep = np.ones(n, "float32")
+    keep[np.random.default_rng(0).permutation(n)[: n // 2]] = 0.0
+    w.unit_mask.assign(keep)
+    x = make_input(shape, integer, n=4)
+    if name.startswith("depthwise"):  # its units are the input's channels: never removable
+        with pytest.raises(ValueError, match="it is a model input"):
+            shrink(pruned)
+        return
+    small = shrink(pruned)
+    np.testing.assert_allclose(small.predict(x, verbose=0), pruned.predict(x, verbose=0),
+                               atol=1e-5)
+    assert kib.count_flops(small) == kib.count_flops(pruned, effective=True)
+    assert kib.count_params(small) < kib.count_params(model)
