@@ -17,7 +17,7 @@ import tempfile
 import keras
 import numpy as np
 
-from keras_ibprune import _keras_compat, _tflite_inspect
+from keras_ibprune import _keras_compat, _tflite_inspect, heldout
 
 _QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
 _IO_DTYPES = ("float32", "int8", "uint8")
@@ -112,13 +112,7 @@ def _check_data(name, data, shape):
     if data is None:
         return None
     arr = np.asarray(data, dtype=np.float32)
-    expected = tuple(shape[1:])
-    ok = arr.ndim == len(shape) and len(arr) > 0 and all(
-        e is None or e == a for e, a in zip(expected, arr.shape[1:]))
-    if not ok:
-        exp = "(batch, " + ", ".join("None" if e is None else str(e) for e in expected) + ")"
-        raise ValueError(f"`{name}` must be a non-empty array of shape {exp} matching the model "
-                         f"input. Received: {name}.shape={arr.shape}")
+    heldout.check_shape(shape, arr, name)
     return arr
 
 

@@ -35,13 +35,8 @@ def _split(element):
 
 
 def _input_ndim(model):
-    try:
-        shape = model.input_shape
-    except (AttributeError, ValueError):
-        return None
-    return len(shape) if isinstance(shape, tuple) and all(
-        s is None or isinstance(s, int) for s in shape
-    ) else None
+    shape = static_input_shape(model)
+    return None if shape is None else len(shape)
 
 
 def _take(iterable, size, model):
@@ -151,28 +146,46 @@ def held_out_arrays(held_out, size=1024, model=None, output=None):
     return x, y
 
 
-def check_input_fits(model, x):
-    """Raises a ValueError when held-out `x` does not fit the model's input shape."""
+def static_input_shape(model):
+    """The model's input shape `(None, ...)` when it has one fully known input, else None."""
     try:
         shape = model.input_shape
     except (AttributeError, ValueError):
-        shape = None
+        return None
     if isinstance(shape, tuple) and all(s is None or isinstance(s, int) for s in shape):
-        ok = len(shape) == x.ndim and all(
-            s is None or s == d for s, d in zip(shape[1:], x.shape[1:])
-        )
-        if not ok:
-            raise ValueError(
-                f"Held-out x does not fit the input of model '{model.name}' (expected "
-                f"{shape}). Received: x of shape {x.shape}"
-            )
+        return shape
+    return None
+
+
+def check_shape(shape, x, what="x"):
+    """The one input-fit check: raises a ValueError unless `x` (batch first) fits `shape`.
+
+    Args:
+        shape: the model input shape `(None, ...)`; `None` entries match any size.
+        x: a numpy array.
+        what: the name used in the message (`"held-out x"`, `"verify_data"`, ...).
+    """
+    ok = len(x) > 0 and x.ndim == len(shape) and all(
+        s is None or s == d for s, d in zip(shape[1:], x.shape[1:]))
+    if not ok:
+        want = "(batch, " + ", ".join("None" if s is None else str(s) for s in shape[1:]) + ")"
+        raise ValueError(f"{what} does not fit the model input: expected a non-empty array of "
+                         f"shape {want}. Received: {what}.shape={x.shape}")
+
+
+def check_input_fits(model, x, what="held-out x"):
+    """Raises a ValueError when `x` does not fit the model's input (`check_shape`; models
+    without a static input shape are called on one sample instead)."""
+    shape = static_input_shape(model)
+    if shape is not None:
+        check_shape(shape, x, what)
         return
     try:
         model(x[:1], training=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the shapes named
         raise ValueError(
-            f"Held-out x does not fit model '{model.name}' ({type(e).__name__}: "
-            f"{str(e)[:200]}). Received: x of shape {x.shape}"
+            f"{what} does not fit the input of model '{model.name}' ({type(e).__name__}: "
+            f"{str(e)[:200]}). Received: {what}.shape={x.shape}"
         ) from e
 
 

@@ -78,17 +78,6 @@ def load_model(path):
         ) from err
 
 
-def input_shape(model):
-    """The model's input shape `(None, ...)`, or None when it has no single known input."""
-    try:
-        shape = model.input_shape
-    except (AttributeError, ValueError):
-        return None
-    if isinstance(shape, tuple) and all(s is None or isinstance(s, int) for s in shape):
-        return shape
-    return None
-
-
 def load_npz(path, what="data", model=None, need_y=True):
     """Reads `x` (and `y`) from an `.npz` file, checking keys, lengths and shapes.
 
@@ -146,17 +135,13 @@ def load_npz(path, what="data", model=None, need_y=True):
             f"{what} arrays 'x' and 'y' must hold the same number of samples. "
             f"Received: x.shape={x.shape}, y.shape={y.shape} in {path}"
         )
-    shape = input_shape(model) if model is not None else None
-    if shape is not None:
-        dims = zip(shape[1:], x.shape[1:])
-        ok = x.ndim == len(shape) and all(s is None or s == d for s, d in dims)
-        if not ok:
-            want = ", ".join("None" if s is None else str(s) for s in shape[1:])
-            want = f"(batch, {want})"
-            raise CLIError(
-                f"{what} array 'x' does not fit the model input: expected shape {want}. "
-                f"Received: x.shape={x.shape} in {path}"
-            )
+    if model is not None:
+        from keras_ibprune import heldout  # the one input-fit check of the package
+
+        try:
+            heldout.check_input_fits(model, x, what=f"{what} array 'x'")
+        except ValueError as err:
+            raise CLIError(f"{err} in {path}") from err
     return x.astype("float32"), y
 
 

@@ -69,7 +69,7 @@ def test_bad_held_out_data():
         S.held_out_arrays((x, np.full(len(x), np.inf)), model=model)
     with pytest.raises(ValueError, match=r"same number of samples.*len\(x\)=40, len\(y\)=39"):
         S.held_out_arrays((x, y[:-1]))
-    with pytest.raises(ValueError, match=r"does not fit.*Received: x of shape \(40, 8, 8, 2\)"):
+    with pytest.raises(ValueError, match=r"does not fit.*held-out x.shape=\(40, 8, 8, 2\)"):
         S.held_out_arrays((x[:, :8, :8], y), model=model)
     with pytest.raises(ValueError, match="empty"):
         S.held_out_arrays(iter([]))

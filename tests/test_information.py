@@ -229,7 +229,7 @@ def test_default_without_held_out_warns_and_uses_magnitude(digits):
         ("mismatch", r"same number of samples"),
         ("rare", r"at least 2 samples"),
         ("single", r"single class.*label-free mode"),
-        ("shape", r"does not fit the input"),
+        ("shape", r"held-out x does not fit the model input"),
     ],
 )
 def test_bad_input_errors_at_train_begin(digits, held_out, match):
