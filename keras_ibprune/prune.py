@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-from keras import ops
 
 from keras_ibprune import _keras_compat, registry
 from keras_ibprune.stats import find_wrappers
@@ -162,41 +161,6 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
     return new_model
 
 
-def _baked_weights(wrapper):
-    """Inner-layer weights with masks multiplied in (weight and unit masks)."""
-    inner = wrapper.layer
-    values = {id(v): ops.convert_to_numpy(v.value) for v in inner.weights}
-    for w, m in zip(wrapper.prunable_weights, wrapper.masks):
-        values[id(w)] = values[id(w)] * ops.convert_to_numpy(m.value).astype(values[id(w)].dtype)
-    if wrapper.unit_mask is not None:
-        um = ops.convert_to_numpy(wrapper.unit_mask.value)
-        if um.min() < 1.0:
-            act = getattr(inner, "activation", None)
-            if act is not None and float(ops.convert_to_numpy(act(ops.zeros((1,))))[0]) != 0.0:
-                raise ValueError(
-                    f"Cannot bake the unit mask of layer '{inner.name}': its activation is not "
-                    "zero at zero, so a zeroed unit would not output zero. Use `kib.shrink` "
-                    f"instead. Received: activation={getattr(act, '__name__', act)}"
-                )
-            if isinstance(inner, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
-                k = inner.kernel
-                values[id(k)] = values[id(k)] * um.reshape(k.shape[-2], k.shape[-1])
-            elif isinstance(
-                inner,
-                keras.layers.Conv2DTranspose
-                | keras.layers.Conv1DTranspose
-                | keras.layers.Conv3DTranspose,
-            ):
-                values[id(inner.kernel)] = values[id(inner.kernel)] * um[:, None]
-            else:
-                last = wrapper.prunable_weights[-1]
-                values[id(last)] = values[id(last)] * um
-            bias = getattr(inner, "bias", None)
-            if bias is not None:
-                values[id(bias)] = values[id(bias)] * um
-    return [values[id(v)] for v in inner.weights]
-
-
 def strip_pruning(model):
     """Returns a plain Keras model: wrappers removed, masks baked into the weights.
 
@@ -212,7 +176,7 @@ def strip_pruning(model):
     ```
     """
     if isinstance(model, PruneWrapper):
-        model.layer.set_weights(_baked_weights(model))
+        model.layer.set_weights(model.baked_weights())
         return model.layer
     if not isinstance(model, keras.Model):
         raise ValueError(f"`strip_pruning` expects a keras.Model. Received: model={model!r}")
@@ -229,7 +193,7 @@ def strip_pruning(model):
         if not (old.built and new.built):
             continue
         if isinstance(old, PruneWrapper):
-            new.set_weights(_baked_weights(old))
+            new.set_weights(old.baked_weights())
         elif old.weights:
             new.set_weights(old.get_weights())
     return new_model
@@ -241,7 +205,7 @@ def _strip_in_place(model):
     def unwrap(value):
         if isinstance(value, PruneWrapper):
             if value.built:
-                value.layer.set_weights(_baked_weights(value))
+                value.layer.set_weights(value.baked_weights())
             return value.layer
         if isinstance(value, (list, tuple)) and any(isinstance(v, PruneWrapper) for v in value):
             return type(value)(unwrap(v) for v in value)

@@ -331,11 +331,9 @@ def _carrier(roots, d, neutral):
 def _values(op):
     """Numpy weights of the effective layer, weight masks baked in."""
     inner = op.layer if G.is_wrapper(op) else op
-    vals = {id(v): ops.convert_to_numpy(v) for v in inner.weights}
-    if G.is_wrapper(op) and getattr(op, "granularity", None) != "channel":
-        for w, m in zip(op.prunable_weights, op.masks):
-            vals[id(w)] = vals[id(w)] * ops.convert_to_numpy(m).astype(vals[id(w)].dtype)
-    return [vals[id(v)] for v in inner.weights], [v.name for v in inner.weights]
+    values = (op.baked_weights(units=False) if G.is_wrapper(op)
+              else [ops.convert_to_numpy(v) for v in inner.weights])
+    return values, [v.name for v in inner.weights]
 
 
 def _rebuild(graph, keep, plan):

@@ -235,6 +235,42 @@ class PruneWrapper(keras.layers.Wrapper):
             for w, m in zip(self.prunable_weights, self.masks)
         ]
 
+    def baked_weights(self, units=True):
+        """Numpy values of the inner layer's weights with the masks multiplied in.
+
+        The one mask-baking path (`strip_pruning`, `shrink`).
+
+        Args:
+            units: also bake the unit mask (needs an activation that is 0 at 0).
+        """
+        inner = self.layer
+        values = {id(v): ops.convert_to_numpy(v.value) for v in inner.weights}
+        for w, m in zip(self.prunable_weights, self.masks):
+            value = values[id(w)]
+            values[id(w)] = value * ops.convert_to_numpy(m.value).astype(value.dtype)
+        um = None if self.unit_mask is None else ops.convert_to_numpy(self.unit_mask.value)
+        if units and um is not None and um.min() < 1.0:
+            act = getattr(inner, "activation", None)
+            if act is not None and float(ops.convert_to_numpy(act(ops.zeros((1,))))[0]) != 0.0:
+                raise ValueError(
+                    f"Cannot bake the unit mask of layer '{inner.name}': its activation is not "
+                    "zero at zero, so a zeroed unit would not output zero. Use `kib.shrink` "
+                    f"instead. Received: activation={getattr(act, '__name__', act)}"
+                )
+            L = keras.layers
+            if isinstance(inner, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
+                k = inner.kernel
+                values[id(k)] = values[id(k)] * um.reshape(k.shape[-2], k.shape[-1])
+            elif isinstance(inner, (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)):
+                values[id(inner.kernel)] = values[id(inner.kernel)] * um[:, None]
+            else:
+                last = self.prunable_weights[-1]
+                values[id(last)] = values[id(last)] * um
+            bias = getattr(inner, "bias", None)
+            if bias is not None:
+                values[id(bias)] = values[id(bias)] * um
+        return [values[id(v)] for v in inner.weights]
+
     def get_config(self):
         config = super().get_config()
         config.update(
