@@ -20,6 +20,7 @@ from keras_ibprune import (
 from keras_ibprune.callbacks import IBPruning
 from keras_ibprune.export import ExportReport, ExportVerificationError, export_tflite
 from keras_ibprune.flops import count_flops, count_params
+from keras_ibprune.graph import ChannelGroup, channel_groups
 from keras_ibprune.information import GaussianOBDScore, IBScore, OBSScore
 from keras_ibprune.metrics import evaluate
 from keras_ibprune.prune import prune, strip_pruning
@@ -43,7 +44,7 @@ from keras_ibprune.scores import (
     Score,
     TaylorScore,
 )
-from keras_ibprune.shrink import ChannelGroup, channel_groups, check_widths, shrink
+from keras_ibprune.shrink import check_widths, shrink
 from keras_ibprune.summary import (
     SparsitySummary,
     plot_information_plane,

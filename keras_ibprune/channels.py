@@ -26,7 +26,7 @@ from keras import ops
 
 from keras_ibprune import _keras_compat
 from keras_ibprune import flops as flops_lib
-from keras_ibprune.shrink import ChannelGroup, channel_groups
+from keras_ibprune.graph import ChannelGroup, channel_groups
 
 TARGETS = ("units", "flops", "params")
 

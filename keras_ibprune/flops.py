@@ -17,8 +17,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_ibprune import _graph as G
 from keras_ibprune import _keras_compat
+from keras_ibprune import graph as G
 
 L = keras.layers
 _RNN_GATES = {L.SimpleRNN: 1, L.LSTM: 4, L.GRU: 3}

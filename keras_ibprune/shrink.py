@@ -2,7 +2,7 @@
 
 `shrink` turns a model with channel masks (``kib.prune(model, granularity="channel")``),
 or a plain model plus an explicit ``keep`` dict, into a new, smaller Functional
-`keras.Model` with the same predictions as the masked model. `channel_groups` is the
+`keras.Model` with the same predictions as the masked model. `graph.channel_groups` is the
 dependency analysis behind it: which layers' output channels are coupled (Add, Multiply,
 Concatenate, ...) and must be pruned together.
 
@@ -16,128 +16,16 @@ outputs zero), never approximated.
 
 from __future__ import annotations
 
-import dataclasses
+import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_ibprune import _graph as G
 from keras_ibprune import _keras_compat
+from keras_ibprune import graph as G
 
-
-@dataclasses.dataclass
-class ChannelGroup:
-    """Output channels of several layers that must be kept or removed together.
-
-    Attributes:
-        members: layer name -> int array with one entry per output unit of the layer: the
-            group channel that unit belongs to.
-        size: number of group channels.
-        prunable: bool array `(size,)`: False for channels `shrink` may never remove.
-        reason: why some channels are not prunable (None if all are).
-    """
-
-    members: dict
-    size: int
-    prunable: np.ndarray
-    reason: str | None = None
-
-    @property
-    def layers(self):
-        """Member layer names, in graph order."""
-        return tuple(self.members)
-
-    def expand(self, group_keep):
-        """Maps a bool keep array over group channels to a `keep` dict over members."""
-        group_keep = np.asarray(group_keep, dtype=bool)
-        return {name: group_keep[idx] for name, idx in self.members.items()}
-
-    def reduce(self, per_unit, fn=np.sum):
-        """Aggregates per-unit scores (`{layer: array}`) into one score per group channel."""
-        out = np.zeros(self.size)
-        parts = [[] for _ in range(self.size)]
-        for name, idx in self.members.items():
-            if name in per_unit:
-                for g, v in zip(idx, np.asarray(per_unit[name], dtype=np.float64)):
-                    parts[g].append(v)
-        for g, p in enumerate(parts):
-            out[g] = fn(p) if p else 0.0
-        return out
-
-
-def channel_groups(model):
-    """Finds the groups of layers whose output channels must be pruned together.
-
-    Producers are Dense, Conv1D/2D/3D, Conv*Transpose and SeparableConv* layers (and
-    DepthwiseConv* layers wrapped with a channel mask). BatchNormalization, activations,
-    Dropout, pooling, padding, cropping, up-sampling and DepthwiseConv pass channels
-    through; Add/Subtract/Multiply/Average/Maximum/Minimum couple their inputs channel by
-    channel; Concatenate maps channels with offsets; Flatten and Reshape map channels to
-    positions when the mapping is position-independent. Channels reaching a model output
-    or consumed by any other layer are reported as not prunable, with the reason.
-
-    Args:
-        model: a Functional or Sequential `keras.Model`, with or without `PruneWrapper`s
-            (a wrapper is reported under its own name).
-
-    Returns:
-        A list of `ChannelGroup`, in graph order; uncoupled layers form singleton groups.
-
-    Raises:
-        ValueError: if the model is not a Functional/Sequential graph.
-
-    Example:
-
-    ```python
-    for g in kib.channel_groups(model):
-        print(g.layers, g.size, g.prunable.sum())
-    ```
-    """
-    func = G.functional_of(model)
-    members = [la.name for la in func.layers if G.is_channel_wrapper(la)]
-    graph = G.Graph(func, members=members)
-    return _groups(graph)
-
-
-def _groups(graph):
-    uf = graph.uf
-    owner, order = {}, list(graph.units)
-    parent = {k: k for k in order}
-
-    def find(k):
-        while parent[k] != k:
-            k = parent[k]
-        return k
-
-    roots = {k: uf.roots(c) for k, c in graph.units.items()}
-    for k in order:
-        for r in np.unique(roots[k]):
-            r = int(r)
-            if r in owner:
-                parent[find(k)] = find(owner[r])
-            else:
-                owner[r] = k
-    groups = {}
-    for k in order:
-        groups.setdefault(find(k), []).append(k)
-    out = []
-    for keys in groups.values():
-        index = {}
-        for k in keys:
-            for r in roots[k]:
-                index.setdefault(int(r), len(index))
-        fixed = [graph.fixed(r) for r in index]
-        reasons = [uf.reason[r] for r in index if graph.fixed(r)]
-        out.append(
-            ChannelGroup(
-                members={k: np.array([index[int(r)] for r in roots[k]]) for k in keys},
-                size=len(index),
-                prunable=~np.array(fixed, dtype=bool),
-                reason=reasons[0] if reasons else None,
-            )
-        )
-    return out
+L = keras.layers
 
 
 def check_widths(keep, min_width=None):
@@ -275,7 +163,7 @@ def _plan(graph, keep, round_to):
                 "(see `kib.channel_groups`) or restructure the model."
             )
     member_roots = {int(r) for c in graph.units.values() for r in uf.roots(c)}
-    dead = G.dead_values(graph)
+    dead = _dead_values(graph)
     changed = True
     while changed:
         changed = False
@@ -468,3 +356,86 @@ def _fold(layer, vals, rem, d, roots, neutral):
         vals["kernel"] = k
         return
     vals["bias"] = (vals["bias"] if "bias" in vals else np.zeros(n_out, "float32")) + delta
+
+
+# ----------------------------------------------- values a removed channel leaves behind
+def _dead_values(graph):
+    """Per tensor: the value each position holds in the masked model if its class is removed.
+
+    Constant per channel, or NaN where it is not spatially constant (or unknown).
+    """
+    dead = {}
+    for x in graph.model.inputs:
+        if graph.src.get(id(x)) is not None:
+            dead[id(x)] = np.full(len(graph.src[id(x)]), np.nan)
+    for rec in graph.recs:
+        ins = [dead.get(i) for i in rec.ins]
+        out = _dead_rule(rec, ins)
+        for i in rec.outs:
+            if graph.src.get(i) is not None:
+                dead[i] = out if out is not None else np.full(len(graph.src[i]), np.nan)
+    return dead
+
+
+def _np(v):
+    return np.asarray(ops.convert_to_numpy(v), dtype=np.float64)
+
+
+def _dead_rule(rec, ins):
+    layer, cls, kind = rec.layer, type(rec.layer), rec.kind
+    if kind == "producer":
+        return np.zeros(rec.out_shapes[0][-1])
+    if kind == "other" or any(v is None for v in ins):
+        return None
+    c = ins[0]
+    if kind == "depthwise":
+        k = _np(layer.kernel)
+        s = k.sum(axis=tuple(range(k.ndim - 2)))
+        pre = c[:, None] * s
+        if layer.use_bias:
+            pre = pre + _np(layer.bias).reshape(s.shape)
+        if not G.no_padding(layer):
+            pre[c != 0] = np.nan
+        return _apply(layer.activation, pre.reshape(-1))
+    if kind == "bn":
+        eps = layer.epsilon
+        v = (c - _np(layer.moving_mean)) / np.sqrt(_np(layer.moving_variance) + eps)
+        if layer.scale:
+            v = v * _np(layer.gamma)
+        if layer.center:
+            v = v + _np(layer.beta)
+        return v
+    if kind == "pass":
+        if cls in G.PADDING:
+            return np.where(c == 0, 0.0, np.nan)
+        if cls is L.PReLU:
+            return np.where(c >= 0, c, np.nan)
+        if cls is L.Activation:
+            return _apply(layer.activation, c)
+        if cls in G.ACTIVATIONS:
+            return _apply(layer, c)
+        return c
+    if kind == "reshape":
+        return c[rec.index]
+    if kind == "concat":
+        return np.concatenate(ins)
+    if kind == "merge":
+        if cls is L.Concatenate:
+            return np.where(np.all([v == c for v in ins], axis=0), c, np.nan)
+        if cls is L.Average:
+            return np.mean(ins, axis=0)
+        out = c
+        for v in ins[1:]:
+            out = G.MERGES[cls](out, v)
+        return out
+    return None
+
+
+def _apply(fn, values):
+    nan = np.isnan(values)
+    x = np.where(nan, 0.0, values).astype("float32")[None]
+    with warnings.catch_warnings():  # e.g. softmax over a 1-channel probe: expected here
+        warnings.simplefilter("ignore", UserWarning)
+        out = _np(fn(ops.convert_to_tensor(x)))[0]
+    out[nan] = np.nan
+    return out

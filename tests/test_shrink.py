@@ -8,8 +8,9 @@ from keras import layers as L
 from keras import ops
 
 from keras_ibprune.flops import count_params
+from keras_ibprune.graph import channel_groups
 from keras_ibprune.registry import supports_channels
-from keras_ibprune.shrink import channel_groups, check_widths, shrink
+from keras_ibprune.shrink import check_widths, shrink
 
 CHANNEL_CASES = [c for c in LAYER_CASES if supports_channels(c[1]()) and not c[3]]
 
