@@ -153,7 +153,7 @@ register_allocation("global", global_threshold)
 register_allocation("global_erk_floor", global_erk_floor)
 register_allocation("ib", global_threshold)
 
-ALLOCATIONS = ("uniform", "global", "erk", "global_erk_floor", "ib")
+ALLOCATIONS = tuple(_ALLOCATORS)  # the registered names, for messages and the CLI
 
 
 def get(identifier):

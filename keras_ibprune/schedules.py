@@ -266,17 +266,31 @@ def _is_tfmot_schedule(obj):
     return mod.startswith("tensorflow_model_optimization") and callable(obj)
 
 
+def serialize(schedule):
+    """Keras config of a `Schedule` (see `keras.saving.serialize_keras_object`)."""
+    return keras.saving.serialize_keras_object(schedule)
+
+
+def deserialize(config):
+    """A `Schedule` from `serialize`'s output."""
+    obj = keras.saving.deserialize_keras_object(config)
+    if not isinstance(obj, Schedule):
+        raise ValueError(f"The config does not describe a Schedule. Received: config={config!r}")
+    return obj
+
+
 def get(identifier, steps_per_epoch=None):
     """Returns a `Schedule` from a schedule, a config dict, a float or a tfmot schedule.
 
-    A float `s` means `ConstantSparsity(s)`.
+    A float `s` means `ConstantSparsity(s)`. A bare name cannot say which sparsity to reach,
+    so strings are rejected with a pointer to the classes.
     """
     if isinstance(identifier, Schedule):
         return identifier
     if isinstance(identifier, float):
         return ConstantSparsity(identifier)
     if isinstance(identifier, dict):
-        return keras.saving.deserialize_keras_object(identifier)
+        return deserialize(identifier)
     if _is_tfmot_schedule(identifier):
         if not steps_per_epoch:
             raise ValueError(
@@ -284,8 +298,14 @@ def get(identifier, steps_per_epoch=None):
                 f"known number of steps per epoch). Received: steps_per_epoch={steps_per_epoch}"
             )
         return _TfmotSchedule(identifier, steps_per_epoch)
+    if isinstance(identifier, str):
+        raise ValueError(
+            "A schedule needs its target sparsity: pass e.g. `kib.PolynomialDecay(0.0, 0.9, "
+            "0, 4)`, `kib.ConstantSparsity(0.9)` or the float 0.9. Received: "
+            f"schedule={identifier!r}"
+        )
     raise ValueError(
         "`schedule` must be a keras_ibprune.schedules.Schedule (ConstantSparsity, "
-        "PolynomialDecay, OneShot, Iterative, or a subclass), a float sparsity, or a tfmot "
-        f"PruningSchedule. Received: schedule={identifier!r}"
+        "PolynomialDecay, OneShot, Iterative, or a subclass), a float sparsity, a config dict "
+        f"or a tfmot PruningSchedule. Received: schedule={identifier!r}"
     )

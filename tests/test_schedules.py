@@ -63,8 +63,12 @@ def test_bad_schedules(make, match):
 
 
 def test_not_a_schedule():
-    with pytest.raises(ValueError, match="must be a keras_ibprune.schedules.Schedule"):
+    with pytest.raises(ValueError, match="needs its target sparsity.*Received: schedule='poly'"):
         schedules.get("poly")
+    with pytest.raises(ValueError, match="must be a keras_ibprune.schedules.Schedule"):
+        schedules.get(3)
+    with pytest.raises(ValueError, match="does not describe a Schedule"):
+        schedules.deserialize(keras.saving.serialize_keras_object(kib.MagnitudeScore()))
     with pytest.raises(ValueError, match="Schedule"):
         kib.IBPruning(schedule=[0.5])
 
@@ -79,7 +83,8 @@ def test_not_a_schedule():
     ],
 )
 def test_schedule_serialization_round_trip(s):
-    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(s))
+    restored = schedules.deserialize(schedules.serialize(s))
+    assert schedules.get(schedules.serialize(s)).get_config() == s.get_config()
     assert type(restored) is type(s) and restored.get_config() == s.get_config()
     assert [restored(t) for t in range(8)] == [s(t) for t in range(8)]
 
