@@ -6,8 +6,10 @@ pass with every `PruneWrapper` recording `(input, pre-activation, output)`, the
 log-likelihood of a label sampled from the model's own prediction, its gradient with
 respect to every layer's pre-activation, and the per-layer sufficient statistics. Only
 those statistics leave the function (``O(Σ d_in² + d_in·units)`` numbers per layer); they
-are summed over batches on the device and converted to numpy once. Other backends run the
-forward statistics eagerly and skip the Fisher ones (a warning says so).
+are summed over batches on the device and converted to numpy once. On JAX the gradients
+come from `jax.value_and_grad` with respect to zero probes added to every pre-activation
+(eager); other backends run the forward statistics eagerly and skip the Fisher ones (a
+warning says so).
 
 Per Dense / Conv1D / Conv2D layer (inputs ``x`` are the im2col rows feeding one output
 position, in the kernel's ``(kh, kw, c_in)`` layout; ``g = ∂ log p(ŷ|x) / ∂z`` with
@@ -278,9 +280,9 @@ class StatisticsPass:
         self.max_gram_dim = int(max_gram_dim)
         self.kinds = [layer_kind(w.layer) for w in self.wrappers]
         self.gradients = bool(self.needs & {"fisher", "fisher_x2"})
-        if self.gradients and keras.backend.backend() != "tensorflow":
+        if self.gradients and keras.backend.backend() not in ("tensorflow", "jax"):
             warnings.warn(
-                "The Fisher statistics need the TensorFlow backend for now; on the "
+                "The Fisher statistics need the TensorFlow or JAX backend; on the "
                 f"{keras.backend.backend()!r} backend they are skipped and the 'ib' score falls "
                 "back to the label-free OBS saliency ½ w² / [H⁻¹]_ii (score='obs' also uses "
                 "it, with allocation='erk').",
@@ -306,9 +308,11 @@ class StatisticsPass:
         return out
 
     def _forward_backward(self, x, u, target, lik, recs, with_grad):
-        if not with_grad or keras.backend.backend() != "tensorflow":
-            self.model(x, training=False)  # other backends: no Fisher (see `__init__`)
+        if not with_grad:
+            self.model(x, training=False)
             return {}
+        if keras.backend.backend() == "jax":
+            return self._forward_backward_jax(x, u, target, lik, recs)
         import tensorflow as tf  # lazily: gradients w.r.t. intermediate activations
 
         with tf.GradientTape() as tape:
@@ -321,6 +325,33 @@ class StatisticsPass:
         for (key, _), gi in zip(flat, g):
             grads.setdefault(key, []).append(gi)
         return grads
+
+    def _forward_backward_jax(self, x, u, target, lik, recs):
+        """JAX: the gradient w.r.t. zero probes added to every pre-activation."""
+        import jax  # lazily: only on the JAX backend
+
+        for w in self.wrappers:  # shapes of every call's pre-activation
+            w._capture = []
+        self.model(x, training=False)
+        shapes = {id(w): [tuple(r[1].shape) for r in w._capture] for w in self.wrappers}
+
+        def log_likelihood(probes):
+            for w in self.wrappers:
+                w._capture, w._probes = [], probes[str(id(w))]
+            out = _output_of(self.model(x, training=False), self.output)
+            records = {str(id(w)): list(w._capture) for w in self.wrappers}
+            return _log_likelihood(out, lik, u, target), records
+
+        zeros = {str(k): [jax.numpy.zeros(sh, "float32") for sh in v]
+                 for k, v in shapes.items()}
+        try:
+            (_, records), grads = jax.value_and_grad(log_likelihood, has_aux=True)(zeros)
+        finally:
+            for w in self.wrappers:
+                w._probes = None
+        for w in self.wrappers:
+            recs[id(w)][:] = records[str(id(w))]
+        return {id(w): grads[str(id(w))] for w in self.wrappers}
 
     def _compiled(self, lik, rows_per_sample, has_target, with_grad):
         key = (lik, rows_per_sample, has_target, with_grad)

@@ -102,11 +102,12 @@ class PruneWrapper(keras.layers.Wrapper):
         self.unit_mask = None
         self._masks_built = False
         self._capture = None  # set by keras_ibprune.stats while capturing activations
+        self._probes = None  # stats: zeros added to the pre-activation (gradients on JAX)
         self.supports_masking = getattr(layer, "supports_masking", False)
         _keras_compat.copy_call_signature(self, layer)
 
     def __setattr__(self, name, value):
-        if name == "_capture":
+        if name in ("_capture", "_probes"):
             # A plain sink list set by keras_ibprune.stats: keep it untracked (Keras would
             # copy a list into a TrackedList and the caller would never see the records).
             object.__setattr__(self, name, value)
@@ -173,10 +174,11 @@ class PruneWrapper(keras.layers.Wrapper):
             with _keras_compat.tracking_unlocked(self):
                 self._build_masks()
         capture = self._capture
+        probe = None if capture is None or not self._probes else self._probes[len(capture)]
         if self.granularity == "weight" and any(True for _ in self.masks):
-            outputs, preact = self._masked_call(args, kwargs, capture is not None)
+            outputs, preact = self._masked_call(args, kwargs, capture is not None, probe)
         else:
-            outputs, preact = self._inner_call(args, kwargs, capture is not None)
+            outputs, preact = self._inner_call(args, kwargs, capture is not None, probe)
         if self.unit_mask is not None:
             m = ops.cast(self.unit_mask, outputs.dtype)
             outputs = outputs * m
@@ -184,10 +186,11 @@ class PruneWrapper(keras.layers.Wrapper):
             capture.append((args[0] if args else None, preact, outputs))
         return outputs
 
-    def _inner_call(self, args, kwargs, want_preact):
+    def _inner_call(self, args, kwargs, want_preact, probe=None):
         act = getattr(self.layer, "activation", None)
         if not want_preact or act is None or isinstance(self.layer, keras.layers.RNN):
             out = self.layer(*args, **kwargs)
+            out = out if probe is None else out + probe
             return out, out
         # Capture mode (eager only): run without the activation to record pre-activations.
         self.layer.activation = keras.activations.linear
@@ -195,9 +198,10 @@ class PruneWrapper(keras.layers.Wrapper):
             z = self.layer(*args, **kwargs)
         finally:
             self.layer.activation = act
+        z = z if probe is None else z + probe
         return act(z), z
 
-    def _masked_call(self, args, kwargs, want_preact):
+    def _masked_call(self, args, kwargs, want_preact, probe=None):
         mapping = [
             (w, ops.multiply(w.value, ops.cast(m.value, w.dtype)))
             for w, m in zip(self.prunable_weights, self.masks)
@@ -209,7 +213,7 @@ class PruneWrapper(keras.layers.Wrapper):
                 for key, value in outer.state_mapping.items():
                     scope.state_mapping.setdefault(key, value)
             initial = dict(scope.state_mapping)
-            outputs, preact = self._inner_call(args, kwargs, want_preact)
+            outputs, preact = self._inner_call(args, kwargs, want_preact, probe)
         # Propagate updates made by the inner layer (seed generators, stateful RNNs).
         masked_ids = {id(w) for w, _ in mapping}
         for v in self.layer.variables:

@@ -126,3 +126,51 @@ def test_capture_returns_full_activations():
     (xi, z, t), _ = S.capture(model, x, S.find_wrappers(model), batch_size=16)
     assert xi.shape == (40, 9, 9, 2) and z.shape == t.shape == (40, 7, 7, 4)
     np.testing.assert_allclose(t, np.maximum(z, 0.0))
+
+
+_BACKEND_RUN = """
+import sys
+import numpy as np, keras
+import keras_ibprune as kib
+rng = np.random.default_rng(0)
+x = rng.normal(size=(120, 8, 8, 1)).astype("float32")
+y = rng.integers(0, 4, 120)
+inp = keras.Input((8, 8, 1))
+h = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inp)
+h = keras.layers.Dense(8, activation="relu", name="fc")(keras.layers.Flatten()(h))
+model = keras.Model(inp, keras.layers.Dense(4, activation="softmax", name="out")(h))
+if sys.argv[2] != "-":
+    model.load_weights(sys.argv[2])
+else:
+    model.save_weights(sys.argv[3])
+pruned = kib.prune(model)
+ws = kib.stats.find_wrappers(pruned)
+st = kib.stats.StatisticsPass(pruned, ws, ("gram", "fisher"), fisher="empirical",
+                              max_rows=10**6, batch_size=60)(x, y)
+np.savez(sys.argv[1], *[s["fisher"] for s in st], *[s["gram"] for s in st])
+"""
+
+
+@pytest.mark.slow
+def test_jax_backend_gives_the_same_statistics(tmp_path):
+    pytest.importorskip("jax")
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(_BACKEND_RUN)
+
+    def run(backend, out, load, save="-"):
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        r = subprocess.run([sys.executable, str(script), str(out), str(load), str(save)],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    weights = tmp_path / "w.weights.h5"
+    run("tensorflow", tmp_path / "tf.npz", "-", weights)
+    run("jax", tmp_path / "jax.npz", weights)
+    a, b = np.load(tmp_path / "tf.npz"), np.load(tmp_path / "jax.npz")
+    for k in a.files:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-7 * np.abs(a[k]).max())
+    assert all(np.abs(a[k]).max() > 0 for k in a.files)
