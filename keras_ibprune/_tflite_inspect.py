@@ -51,8 +51,12 @@ _NP_DTYPES = {
 
 
 def _schema():
-    from tensorflow.lite.python import schema_py_generated
-
+    """The TFLite flatbuffer schema: LiteRT's generated module (no TensorFlow import), else
+    TensorFlow's copy."""
+    try:
+        from ai_edge_litert import schema_py_generated
+    except ImportError:  # LiteRT not installed: TensorFlow ships the same schema
+        from tensorflow.lite.python import schema_py_generated
     return schema_py_generated
 
 
