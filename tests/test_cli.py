@@ -220,7 +220,8 @@ def test_bench_small(tmp_path, capsys):
     assert rc == 0, err
     result = json.loads(path.read_text())
     assert set(result["accuracy"]) == {"ib@0.8", "magnitude@0.8"}
-    assert result["overhead"] > 0
+    assert 0.2 < result["overhead"] < 5.0  # a ratio of median epoch times, not a timing bar
+    assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
     assert "| 80% |" in out and "[4/4]" in out
     rc, _, err = run(capsys, "bench", "--sparsities", "0.8,x")
     assert rc == 2 and "--sparsities" in err
