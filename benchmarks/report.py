@@ -31,6 +31,9 @@ def _embed(path):
             line = "##" + line
         line = line.replace("](accuracy_vs_sparsity.png)", "](benchmarks/results/"
                             "accuracy_vs_sparsity.png)")
+        prev = out[-1] if out else ""
+        if prev.strip() and prev.startswith("|") != line.startswith("|"):
+            out.append("")  # a table needs blank lines around it to render
         out.append(line)
     return [f"<!-- from benchmarks/{path} (written by its script) -->", *out,
             f"<!-- end of benchmarks/{path} -->"]
