@@ -170,6 +170,7 @@ def test_callback_config_round_trip(kwargs):
     assert restored.pruner.score.get_config() == cb.pruner.score.get_config()
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_matches_single_device(tmp_path):
     script = textwrap.dedent(
         """

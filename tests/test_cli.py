@@ -72,6 +72,7 @@ def test_cli_parses_before_importing_keras():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 
 
+@pytest.mark.slow
 def test_console_script_drops_native_log_lines(files):
     exe = Path(sys.executable).with_name("keras-ibprune")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "keras_ibprune_cli"]
@@ -181,6 +182,7 @@ def test_missing_model_and_bad_output_name(files, tmp_path, capsys):
     assert rc == 2 and "must end with '.keras'" in err
 
 
+@pytest.mark.slow
 def test_export_float_and_int8(files, tmp_path, capsys):
     pruned = tmp_path / "p.keras"
     assert run(capsys, "prune", files / "model.keras", "--data", files / "held_out.npz",
@@ -213,6 +215,7 @@ def test_load_npz_without_y(files):
     assert x.dtype == np.float32 and y is None
 
 
+@pytest.mark.slow
 def test_bench_small(tmp_path, capsys):
     path = tmp_path / "bench.json"
     rc, out, err = run(capsys, "bench", "--sparsities", "0.8", "--dense-epochs", 2,
@@ -227,6 +230,7 @@ def test_bench_small(tmp_path, capsys):
     assert rc == 2 and "--sparsities" in err
 
 
+@pytest.mark.slow  # the README's setup command runs the full demo in CI
 def test_demo_small(capsys):
     rc, out, _ = run(capsys, "demo", "--dense-epochs", 1, "--prune-epochs", 2)
     assert rc == 0

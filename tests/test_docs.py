@@ -43,6 +43,7 @@ def test_readme_quickstart_runs_as_written(tmp_path):
     assert total and total[0].split()[-1] == "80.00%", out
 
 
+@pytest.mark.slow
 def test_guides_run_as_written(tmp_path):
     ns, out = run_blocks(blocks(DOCS / "guides.md"), tmp_path)
     assert ns["kib"].sparsity(ns["history"].model) == pytest.approx(0.9, abs=2e-3)

@@ -119,7 +119,11 @@ def test_every_example_is_tested():
     assert {p.stem for p in EXAMPLES.glob("*.py")} == set(CHECKS)
 
 
-@pytest.mark.parametrize("name", sorted(CHECKS))
+HEAVY = {"text_classification", "structured_shrink", "pretrained_finetune"}  # -m slow
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n
+                                  for n in sorted(CHECKS)])
 def test_example_quick(name, tmp_path):
     CHECKS[name](run_example(name, tmp_path=tmp_path))
 

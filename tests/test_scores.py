@@ -26,7 +26,7 @@ def _linear_model(kernel, train_on=None):
     hidden.kernel.assign(kernel.astype("float32"))
     if train_on is not None:
         model.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
-        model.fit(*train_on, epochs=30, verbose=0, batch_size=256)
+        model.fit(*train_on, epochs=12, verbose=0, batch_size=256)
     return kib.prune(model)
 
 
