@@ -11,8 +11,6 @@ import keras
 
 from keras_ibprune.pruner import Pruner
 
-SUMMARY_KEYS = ("sparsity",)
-
 
 @keras.saving.register_keras_serializable(package="keras_ibprune")
 class IBPruning(keras.callbacks.Callback):

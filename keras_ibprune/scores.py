@@ -144,7 +144,8 @@ class MagnitudeScore(Score):
 
 
 _ALIASES["l1"] = MagnitudeScore
-L1Score = MagnitudeScore  # the name used before 0.2
+L1Score = MagnitudeScore  # the class name used in 0.1; its saved configs still load:
+keras.saving.get_custom_objects()["keras_ibprune>L1Score"] = MagnitudeScore
 
 
 @register_score("random")
