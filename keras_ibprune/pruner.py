@@ -21,6 +21,7 @@ from keras_ibprune import _keras_compat
 from keras_ibprune import allocation as allocation_lib
 from keras_ibprune import channels as channels_lib
 from keras_ibprune import heldout as heldout_lib
+from keras_ibprune import likelihood as likelihood_lib
 from keras_ibprune import masks as masks_lib
 from keras_ibprune import schedules as schedules_lib
 from keras_ibprune import scores as scores_lib
@@ -230,7 +231,7 @@ class Pruner:
     def _teacher_labels(self, x):
         """Label-free mode: the current (dense) model's predictions, captured once."""
         pred = self.model.predict(x, batch_size=256, verbose=0)
-        pred = np.asarray(stats_lib._output_of(pred, self.output)).reshape(len(x), -1)
+        pred = np.asarray(likelihood_lib.output_of(pred, self.output)).reshape(len(x), -1)
         if pred.shape[1] > 1:
             return np.argmax(pred, axis=1).astype(np.int64)
         return pred.astype(np.float64)

@@ -36,6 +36,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_ibprune import likelihood as likelihood_lib
+
 STATISTICS = ("x2", "gram", "fisher", "fisher_x2", "t_mean", "rows")
 
 
@@ -195,53 +197,6 @@ def _layer_stats(wrapper, kind, recs, grads, needs, rows_per_sample, max_gram_di
     return out
 
 
-# -------------------------------------------------------------- log-likelihood
-def _output_of(outputs, output):
-    if isinstance(outputs, dict):
-        return outputs[output] if output is not None else next(iter(outputs.values()))
-    if isinstance(outputs, (list, tuple)):
-        return outputs[int(output or 0)]
-    return outputs
-
-
-def likelihood_kind(out_sample, label_kind):
-    """How model outputs define ``p(y|x)``: `"probs"`, `"logits"`, `"binary_probs"`,
-    `"binary_logits"` (classes) or `"gaussian"` (continuous targets)."""
-    o = np.asarray(out_sample, np.float64).reshape(len(out_sample), -1)
-    if label_kind != "classes":
-        return "gaussian"
-    in_unit = bool(np.all(o >= 0) and np.all(o <= 1))
-    if o.shape[1] == 1:
-        return "binary_probs" if in_unit else "binary_logits"
-    if in_unit and np.allclose(o.sum(axis=1), 1.0, atol=1e-3):
-        return "probs"
-    return "logits"
-
-
-def _log_likelihood(out, kind, u, target):
-    """Σ log p(ŷ|x) with ŷ drawn from the model by inverse CDF of the uniforms `u`
-    (`target` given: the true labels / targets instead, i.e. the empirical Fisher)."""
-    out = ops.cast(ops.reshape(out, (ops.shape(out)[0], -1)), "float32")
-    if kind == "gaussian":
-        y = out + ops.cast(u, "float32") if target is None else ops.cast(target, "float32")
-        return -0.5 * ops.sum(ops.square(ops.stop_gradient(y) - out))
-    if kind in ("binary_probs", "binary_logits"):
-        q = out[:, 0] if kind == "binary_probs" else ops.sigmoid(out[:, 0])
-        q = ops.clip(q, 1e-7, 1.0 - 1e-7)
-        y = ops.cast(u < ops.stop_gradient(q), "float32") if target is None else ops.cast(
-            ops.reshape(target, (-1,)), "float32")
-        return ops.sum(y * ops.log(q) + (1.0 - y) * ops.log(1.0 - q))
-    logp = (ops.log(ops.clip(out, 1e-12, 1.0)) if kind == "probs"
-            else ops.log_softmax(out, axis=-1))
-    if target is None:
-        cdf = ops.cumsum(ops.exp(ops.stop_gradient(logp)), axis=-1)
-        y = ops.sum(ops.cast(cdf < ops.cast(u, "float32")[:, None], "int32"), axis=-1)
-        y = ops.minimum(y, ops.shape(logp)[-1] - 1)
-    else:
-        y = ops.cast(ops.reshape(target, (-1,)), "int32")
-    return ops.sum(ops.take_along_axis(logp, ops.expand_dims(y, -1), axis=-1))
-
-
 # ------------------------------------------------------------------- the pass
 class StatisticsPass:
     """Computes the statistics of every wrapper over held-out data; built once.
@@ -316,8 +271,8 @@ class StatisticsPass:
         import tensorflow as tf  # lazily: gradients w.r.t. intermediate activations
 
         with tf.GradientTape() as tape:
-            out = _output_of(self.model(x, training=False), self.output)
-            ll = _log_likelihood(out, lik, u, target)
+            out = likelihood_lib.output_of(self.model(x, training=False), self.output)
+            ll = likelihood_lib.log_likelihood(out, lik, u, target)
         flat = [(id(w), r[1]) for w in self.wrappers for r in recs[id(w)]]
         g = tape.gradient(ll, [z for _, z in flat],
                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -335,17 +290,17 @@ class StatisticsPass:
         self.model(x, training=False)
         shapes = {id(w): [tuple(r[1].shape) for r in w._capture] for w in self.wrappers}
 
-        def log_likelihood(probes):
+        def probed_log_likelihood(probes):
             for w in self.wrappers:
                 w._capture, w._probes = [], probes[str(id(w))]
-            out = _output_of(self.model(x, training=False), self.output)
+            out = likelihood_lib.output_of(self.model(x, training=False), self.output)
             records = {str(id(w)): list(w._capture) for w in self.wrappers}
-            return _log_likelihood(out, lik, u, target), records
+            return likelihood_lib.log_likelihood(out, lik, u, target), records
 
         zeros = {str(k): [jax.numpy.zeros(sh, "float32") for sh in v]
                  for k, v in shapes.items()}
         try:
-            (_, records), grads = jax.value_and_grad(log_likelihood, has_aux=True)(zeros)
+            (_, records), grads = jax.value_and_grad(probed_log_likelihood, has_aux=True)(zeros)
         finally:
             for w in self.wrappers:
                 w._probes = None
@@ -374,8 +329,10 @@ class StatisticsPass:
         n = len(x)
         kind = "classes" if y is None else label_kind(y)[0]
         if self._lik is None:  # how outputs define p(y|x): probed once per pass
-            probe = _np(_output_of(self.model(x[: min(n, 8)], training=False), self.output))
-            self._lik = (likelihood_kind(probe, kind), int(np.prod(probe.shape[1:])))
+            out = self.model(x[: min(n, 8)], training=False)
+            probe = _np(likelihood_lib.output_of(out, self.output))
+            self._lik = (likelihood_lib.likelihood_kind(probe, kind),
+                         int(np.prod(probe.shape[1:])))
         lik, width = self._lik
         target = None
         if self.fisher == "empirical":
