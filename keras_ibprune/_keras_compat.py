@@ -9,11 +9,15 @@
   `call` (`Layer._call_has_training_arg`, `_call_has_mask_arg`).
 - `tracking_unlocked(layer)`: a context in which a built layer may add weights
   (`Layer._tracker`).
+- `optimizer_slots(optimizer, variable)`: an optimizer's per-variable state
+  (`_get_variable_index` and its slot lists).
 """
 
 from __future__ import annotations
 
 import contextlib
+
+import keras
 
 try:  # Keras >= 3.0 keeps the helper here.
     from keras.src.backend.common.stateless_scope import get_stateless_scope
@@ -64,3 +68,32 @@ def tracking_unlocked(layer):
     finally:
         if locked:
             tracker.lock()
+
+
+def optimizer_slots(optimizer, variable):
+    """The optimizer's per-element state for `variable` (momentum, velocity, EMA, ...).
+
+    Keras 3 optimizers keep one list per kind of state, indexed like their trainable
+    variables (`Adam._momentums`, `SGD.momentums`, `Adafactor._v`, the EMA copies); entries
+    of another shape (Adafactor's factored row/column statistics) are left out. Returns []
+    when the optimizer is not built or does not track `variable`.
+    """
+    opt = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+    indices = getattr(opt, "_trainable_variables_indices", None)
+    if not indices or not getattr(opt, "built", False):
+        return []
+    try:
+        idx = opt._get_variable_index(variable)
+    except (KeyError, AttributeError):
+        return []
+    n = len(opt._trainable_variables)
+    shape = tuple(variable.shape)
+    slots = []
+    for value in vars(opt).values():
+        if (not isinstance(value, (list, tuple)) or len(value) != n
+                or value is opt._trainable_variables):
+            continue
+        slot = value[idx]
+        if isinstance(slot, keras.Variable) and slot is not variable and tuple(slot.shape) == shape:
+            slots.append(slot)
+    return slots

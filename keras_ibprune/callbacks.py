@@ -7,8 +7,11 @@ and its constructor arguments are accepted here unchanged.
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 
+from keras_ibprune import stats as stats_lib
 from keras_ibprune.pruner import Pruner
 
 
@@ -16,11 +19,15 @@ from keras_ibprune.pruner import Pruner
 class IBPruning(keras.callbacks.Callback):
     """Keras callback that prunes the `PruneWrapper`s of the model during `fit`.
 
-    Masks update at epoch ends (`update_every="epoch"`) or every `N` training steps
-    (`update_every=N`), following the schedule. The epoch logs get `sparsity` (the fraction
-    of zeros over the *pruned* tensors, as scheduled) and per-layer `sparsity/<layer>`; the
-    per-layer entries and the information logs reach History, CSVLogger and TensorBoard
-    but not the progress bar. The masks live in the model, so saving mid-way (or
+    Masks update at epoch ends (`update_every="epoch"`) or exactly every `N` training
+    steps (`update_every=N`, counted over the whole fit, epoch ends not included), following
+    the schedule; a schedule starting at `begin_epoch=0` also updates once before the first
+    step (tfmot's step 0). A subclassed model that Keras builds lazily inside `fit` needs no
+    manual build: the callback starts after the first step. A warning says when the fit's
+    epochs cannot reach the schedule's final sparsity (at train begin and end). The epoch
+    logs get `sparsity` (the fraction of zeros over the *pruned* tensors, as scheduled) and
+    per-layer `sparsity/<layer>`; the per-layer entries and the information logs reach
+    History, CSVLogger and TensorBoard but not the progress bar. The masks live in the model, so saving mid-way (or
     `BackupAndRestore`) and fitting on with `initial_epoch` resumes the schedule exactly.
 
     Args:
@@ -59,7 +66,10 @@ class IBPruning(keras.callbacks.Callback):
         self.pruner = Pruner(None, schedule, log_information=log_information, _stacklevel=3,
                              **pruner_kwargs)  # validates every argument now
         self._steps = None
+        self._epochs = None
         self._epoch = 0
+        self._first_epoch = None
+        self._ready = False
 
     @property
     def log_information(self):
@@ -74,30 +84,97 @@ class IBPruning(keras.callbacks.Callback):
         return self.pruner.score
 
     def on_train_begin(self, logs=None):
-        self._steps = (self.params or {}).get("steps")
-        self.pruner.model = self.model
-        self.pruner.reset(steps_per_epoch=self._steps)
+        params = self.params or {}
+        self._steps = params.get("steps")
+        self._epochs = params.get("epochs")
         self._epoch = 0
+        self._first_epoch = None
+        self._ready = False
+        self.pruner.model = self.model
+        if self.update_every != "epoch" and not self._steps:
+            warnings.warn(
+                f"IBPruning: update_every={self.update_every} needs the number of steps per "
+                "epoch, which this fit does not know (a dataset of unknown length): masks "
+                "update at epoch ends instead. Pass `steps_per_epoch` to `fit` to get updates "
+                "every N steps.", stacklevel=2)
+        if self._wrappers_built():
+            self._start()
+        # else: a subclassed model that Keras builds inside its first training step; the
+        # pruner starts at the end of that step (`on_train_batch_end`).
+
+    def _wrappers_built(self):
+        wrappers = stats_lib.find_wrappers(self.model)
+        return not wrappers or all(w.built and w._masks_built for w in wrappers)
+
+    def _start(self):
+        self.pruner.reset(steps_per_epoch=self._steps)
+        self._ready = True
+        self._warn_unreachable()
+
+    def _step_updates(self):
+        return self.update_every != "epoch" and bool(self._steps)
+
+    def _warn_unreachable(self):
+        """Warns when this fit's epochs end before the schedule's final sparsity."""
+        sched, epochs = self.pruner.schedule, self._epochs
+        if not epochs:
+            return
+        final = float(sched.final_sparsity)
+        if self._step_updates():
+            n = self.update_every
+            points = [k * n / self._steps for k in range(0, epochs * self._steps // n + 1)]
+        else:
+            points = list(range(0, epochs + 1))
+        reached = [float(sched(t)) for t in points if sched.is_update(t)]
+        best = max(reached, default=self.pruner.current_sparsity())
+        if best < final - 1e-6:
+            end = getattr(sched, "end_epoch", None)
+            when = f" at progress {end} epochs" if end is not None else ""
+            warnings.warn(
+                f"IBPruning: the schedule reaches its final sparsity {final:g}{when}, but "
+                f"this fit runs {epochs} epochs: pruning will stop at {best:.4g}. Fit for "
+                "more epochs, end the schedule earlier, or go on later with `fit(..., "
+                "initial_epoch=...)`.", stacklevel=3)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        if self._first_epoch is None:
+            self._first_epoch = epoch
+            if epoch == 0 and self._ready:
+                self.pruner.update(0.0)  # t = 0: a schedule starting at begin_epoch=0
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.update_every == "epoch" or not self._steps:
+        if not self._ready:
+            if not self._wrappers_built():
+                return
+            self._start()
+            if self._epoch == 0 and batch == 0:
+                self.pruner.update(0.0)  # the t = 0 update, one step late (lazy build)
+        if not self._step_updates():
             return
         step = self._epoch * self._steps + batch + 1
-        if step % self.update_every == 0 and batch + 1 < self._steps:
-            self.pruner.update(self._epoch + (batch + 1) / self._steps)
+        if step % self.update_every == 0:
+            self.pruner.update(step / self._steps)
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.pruner.update(epoch + 1):
+        if not self._ready:
+            self._start()
+        if self._step_updates() or not self.pruner.update(epoch + 1):
             self.pruner.rezero()
             self.pruner.measure()  # only with log_information=True
         if logs is not None:
             logs.update(self.pruner.logs())
 
     def on_train_end(self, logs=None):
+        if not self._ready:
+            return
         self.pruner.rezero()
+        final = float(self.pruner.schedule.final_sparsity)
+        if self.pruner.last_target < final - 1e-6:
+            warnings.warn(
+                f"IBPruning: training ended at target sparsity {self.pruner.last_target:.4g}, "
+                f"below the schedule's final sparsity {final:g}. Fit on with "
+                "`initial_epoch=` to finish the schedule.", stacklevel=2)
 
     def get_config(self):
         config = self.pruner.get_config()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
+from keras_ibprune import _keras_compat
+
 
 def _clean(scores):
     s = np.asarray(scores, dtype=np.float64)
@@ -46,11 +48,13 @@ def _pool_blocks(scores2d, block):
     return pooled
 
 
-def topk_mask(scores, sparsity, prev_mask=None, monotone=True, block_size=None):
+def topk_mask(scores, sparsity, prev_mask=None, monotone=True, block_size=None, keep=None):
     """Returns a 0/1 float32 mask keeping the highest scores.
 
-    Exactly `round(sparsity * n)` entries (or blocks) are zero, where `n` counts entries
-    (blocks when `block_size` is given). With `monotone=True` entries zero in
+    `round(sparsity * n)` entries (or blocks) are zero, where `n` counts entries (blocks
+    when `block_size` is given), with two exceptions that make the mask keep *more*:
+    the entries flagged in `keep` are never removed, and at least one entry (block) always
+    survives, so no tensor is silently emptied. With `monotone=True` entries zero in
     `prev_mask` stay zero (and count towards the target).
 
     Args:
@@ -60,6 +64,8 @@ def topk_mask(scores, sparsity, prev_mask=None, monotone=True, block_size=None):
         monotone: keep previously pruned entries pruned.
         block_size: optional `(rows, cols)`; scores are averaged per block of the
             weight viewed as a `(prod(shape[:-1]), shape[-1])` matrix.
+        keep: optional boolean array of the shape of `scores`: entries that must survive
+            (e.g. one weight per output unit); a block holding one survives whole.
 
     Returns:
         A numpy float32 array of the shape of `scores`.
@@ -70,27 +76,34 @@ def topk_mask(scores, sparsity, prev_mask=None, monotone=True, block_size=None):
         raise ValueError(f"`sparsity` must be in [0, 1]. Received: sparsity={sparsity!r}")
     if prev_mask is not None and monotone:
         scores = np.where(np.asarray(prev_mask).reshape(shape) > 0, scores, -np.inf)
+    forced = None if keep is None else np.asarray(keep, dtype=bool).reshape(shape)
     if block_size is not None:
         mat = _as_matrix(scores)
         pooled = _pool_blocks(mat, block_size)
+        if forced is not None:
+            pooled_forced = _pool_blocks(_as_matrix(forced.astype(np.float64)), block_size) > 0
+            pooled = np.where(pooled_forced, np.inf, pooled)
         keep_blocks = _topk_flat(pooled.ravel(), sparsity, monotone and prev_mask is not None)
         keep_blocks = keep_blocks.reshape(pooled.shape)
         br, bc = block_size
         full = np.repeat(np.repeat(keep_blocks, br, axis=0), bc, axis=1)
         return full[: mat.shape[0], : mat.shape[1]].reshape(shape).astype(np.float32)
-    keep = _topk_flat(scores.ravel(), sparsity, monotone and prev_mask is not None)
-    return keep.reshape(shape).astype(np.float32)
+    if forced is not None:
+        scores = np.where(forced, np.inf, scores)
+    kept = _topk_flat(scores.ravel(), sparsity, monotone and prev_mask is not None)
+    return kept.reshape(shape).astype(np.float32)
 
 
 def _topk_flat(flat, sparsity, respect_pruned):
+    """Zeroes the lowest scores; `+inf` entries (forced keeps) and one entry always stay."""
     n = flat.size
     k_prune = int(round(float(sparsity) * n))
     if respect_pruned:
-        k_prune = max(k_prune, int(np.sum(~np.isfinite(flat))))
-    k_prune = min(k_prune, n)
+        k_prune = max(k_prune, int(np.sum(flat == -np.inf)))
+    k_prune = min(k_prune, n - max(1, int(np.sum(flat == np.inf))))
+    if k_prune <= 0:
+        return np.ones(n, dtype=np.float32)
     keep = np.ones(n, dtype=np.float32)
-    if k_prune == 0:
-        return keep
     # O(n) selection, same result as a stable sort: everything below the k-th smallest
     # score, then ties at that score by position (-inf, i.e. already pruned, first).
     kth = np.partition(flat, k_prune - 1)[k_prune - 1]
@@ -101,7 +114,7 @@ def _topk_flat(flat, sparsity, respect_pruned):
     return keep
 
 
-def apply_masks(wrapper, masks, weights=None, zero_weights=True):
+def apply_masks(wrapper, masks, weights=None, zero_weights=True, optimizer=None):
     """Assigns `masks` (numpy arrays) to `wrapper.masks` and zeroes the pruned weights.
 
     Args:
@@ -110,6 +123,8 @@ def apply_masks(wrapper, masks, weights=None, zero_weights=True):
         weights: optional new values of the prunable weights (e.g. re-fitted survivors).
         zero_weights: multiply the stored weights by the masks, so checkpoints and saved
             files are sparse; with an all-ones mask nothing changes.
+        optimizer: the model's optimizer: its per-weight state (momentum, velocity, ...) of
+            pruned weights is zeroed too (see `rezero`).
     """
     if len(masks) != len(wrapper.masks):
         raise ValueError(
@@ -129,12 +144,28 @@ def apply_masks(wrapper, masks, weights=None, zero_weights=True):
             w.assign((new * m.astype(new.dtype)).astype(w.dtype))
         elif zero_weights:
             w.assign(ops.multiply(w.value, ops.cast(m_var.value, w.dtype)))  # on the device
+    if zero_weights and optimizer is not None:
+        _zero_slots(wrapper, optimizer)
 
 
-def rezero(wrapper):
-    """Re-applies the current masks to the stored weights (optimizer drift), on the device."""
+def rezero(wrapper, optimizer=None):
+    """Re-applies the current masks to the stored weights and the optimizer's state.
+
+    The gradient of a pruned weight is exactly zero (the wrapper computes with `w * mask`),
+    so once its momentum/velocity slots are zero too, no optimizer (SGD with momentum,
+    Adam, AdamW, RMSprop, Adafactor, ...) moves it again: the stored weights stay sparse
+    at every step, not only at mask updates.
+    """
     for w, m in zip(wrapper.prunable_weights, wrapper.masks):
         w.assign(ops.multiply(w.value, ops.cast(m.value, w.dtype)))
+    if optimizer is not None:
+        _zero_slots(wrapper, optimizer)
+
+
+def _zero_slots(wrapper, optimizer):
+    for w, m in zip(wrapper.prunable_weights, wrapper.masks):
+        for slot in _keras_compat.optimizer_slots(optimizer, w):
+            slot.assign(ops.multiply(slot.value, ops.cast(m.value, slot.dtype)))
 
 
 def mask_sparsity(masks) -> float:

@@ -254,8 +254,10 @@ class Pruner:
             self.reset()
         if not (force or self.schedule.is_update(t)):
             return False
-        start = time.perf_counter()
         target = float(self.schedule(t))
+        if target <= 0.0 and not force and self.current_sparsity() == 0.0:
+            return False  # nothing to remove yet (e.g. t = begin with initial sparsity 0)
+        start = time.perf_counter()
         with stats_lib.blas_threads(1):  # small matrices: one BLAS thread beside TF's pool
             self._apply(target)
         self.last_target = target
@@ -299,18 +301,19 @@ class Pruner:
             for s in stats if stats is not None else self.collect():
                 self.score.measure(s)
 
-    def _protect(self, w, s):
-        """Top score (1e300, finite) on the best live weight of every protected unit."""
+    def _protected(self, w, s):
+        """Boolean keep-mask: the best live weight of every protected output unit (or None)."""
         if not self.keep_connected or s.ndim < 2:
-            return s
+            return None
         if self.keep_connected == "outputs" and id(w) not in self._outputs:
-            return s
-        m2 = s.reshape(-1, s.shape[-1]).copy()
+            return None
+        m2 = s.reshape(-1, s.shape[-1])
         best = np.argmax(m2, axis=0)
         cols = np.arange(m2.shape[1])
-        live = np.isfinite(m2[best, cols])
-        m2[best[live], cols[live]] = 1e300
-        return m2.reshape(s.shape)
+        live = m2[best, cols] > -np.inf
+        keep = np.zeros(m2.shape, dtype=bool)
+        keep[best[live], cols[live]] = True
+        return keep.reshape(s.shape)
 
     def _apply(self, target):
         stats = self.collect()
@@ -319,24 +322,27 @@ class Pruner:
         if self.granularity == "channel":
             self._channels.update(target, {w.name: sc for w, sc in zip(self.wrappers, scored)})
             return
-        tensors, prev, blocks, owners = [], [], [], []
+        tensors, prev, blocks, owners, keeps = [], [], [], [], []
         for w, st, layer_scores in zip(self.wrappers, stats, scored):
             for j, s in enumerate(layer_scores):
                 s = np.asarray(s, np.float64)
                 s = np.where(np.isnan(s), -np.inf, s)  # no NaN ever reaches a mask
                 if not self.regrow:
                     s = np.where(st.masks[j] > 0, s, -np.inf)
-                tensors.append(self._protect(w, s) if j == 0 else s)
+                tensors.append(s)
+                keeps.append(self._protected(w, s) if j == 0 else None)
                 prev.append(st.masks[j])
                 blocks.append(w.block_size)
                 owners.append(w)
         live = [i for i, w in enumerate(owners) if not self._is_excluded(w)]
         alloc = [0.0] * len(tensors)
-        for i, a in zip(live, self._allocate([tensors[i] for i in live], target,
+        # The allocation sees protected weights as the most important (they stay).
+        ranked = [t if k is None else np.where(k, 1e300, t) for t, k in zip(tensors, keeps)]
+        for i, a in zip(live, self._allocate([ranked[i] for i in live], target,
                                              min_density=self.min_density)):
             alloc[i] = a
-        new = [masks_lib.topk_mask(s, a, None if self.regrow else p, not self.regrow, b)
-               for s, a, p, b in zip(tensors, alloc, prev, blocks)]
+        new = [masks_lib.topk_mask(s, a, None if self.regrow else p, not self.regrow, b, keep=kp)
+               for s, a, p, b, kp in zip(tensors, alloc, prev, blocks, keeps)]
         k = 0
         for w, st in zip(self.wrappers, stats):
             n = len(w.masks)
@@ -344,15 +350,18 @@ class Pruner:
             k += n
             changed = any(np.any(m != p) for m, p in zip(layer_masks, st.masks))
             weights = self.score.reconstruct(st, layer_masks) if changed else None
-            masks_lib.apply_masks(w, layer_masks, weights=weights)
+            masks_lib.apply_masks(w, layer_masks, weights=weights, optimizer=self._optimizer())
 
     def _is_excluded(self, w):
         return w.layer.name in self.exclude or w.name in self.exclude
 
+    def _optimizer(self):
+        return getattr(self.model, "optimizer", None)
+
     def rezero(self):
-        """Zeroes pruned weights again (an optimizer with momentum can move them)."""
+        """Zeroes pruned weights and their optimizer state (momentum, velocity) again."""
         for w in self.wrappers:
-            masks_lib.rezero(w)
+            masks_lib.rezero(w, self._optimizer())
 
     # ------------------------------------------------------------------ logs
     def current_sparsity(self):

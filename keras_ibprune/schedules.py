@@ -1,15 +1,18 @@
 """Sparsity schedules: training progress (in epochs) -> target sparsity.
 
 A schedule is evaluated at *progress* ``t``: the number of epochs completed, as a float
-(``t = epoch + 1`` at the end of epoch ``epoch``; with ``update_every=N`` steps, fractions in
-between). ``schedule(t)`` is the target sparsity and ``schedule.is_update(t)`` says whether
-masks are recomputed at ``t``. Subclass `Schedule` for your own.
+(``t = 0`` when training starts, ``t = epoch + 1`` at the end of epoch ``epoch``; with
+``update_every=N`` steps, fractions in between). ``schedule(t)`` is the target sparsity and
+``schedule.is_update(t)`` says whether masks are recomputed at ``t``. As in tfmot, the
+first update of `ConstantSparsity` and `PolynomialDecay` happens at ``t = begin_epoch``
+(tfmot's ``begin_step``): before the first training step when ``begin_epoch=0``.
+Subclass `Schedule` for your own.
 
 Example:
 
 ```python
 s = kib.PolynomialDecay(0.0, 0.9, begin_epoch=0, end_epoch=4)
-[round(s(t), 3) for t in range(1, 6)]   # [0.52, 0.788, 0.886, 0.9, 0.9]
+[round(s(t), 3) for t in range(0, 6)]   # [0.0, 0.52, 0.788, 0.886, 0.9, 0.9]
 ```
 """
 
@@ -44,7 +47,7 @@ class Schedule:
     """Base class: maps training progress `t` (completed epochs, float) to sparsity.
 
     Subclasses implement `__call__(t) -> float` and may override `is_update(t)`
-    (default: update whenever `t` lies in the active window `(begin, end]`).
+    (default: update whenever `t` lies in the active window `[begin, end]`).
     """
 
     begin_epoch = 0
@@ -55,7 +58,7 @@ class Schedule:
 
     def is_update(self, t: float) -> bool:
         """Whether masks are recomputed at progress `t`."""
-        if t <= self.begin_epoch + _EPS:
+        if t < self.begin_epoch - _EPS:
             return False
         return self.end_epoch is None or t <= self.end_epoch + _EPS
 
@@ -77,15 +80,18 @@ class Schedule:
 
 @keras.saving.register_keras_serializable(package="keras_ibprune")
 class ConstantSparsity(Schedule):
-    """Holds `sparsity` from the end of epoch `begin_epoch` on.
+    """Holds `sparsity` from progress `begin_epoch` on (tfmot's `ConstantSparsity`).
 
-    Masks are recomputed at every update in `(begin_epoch, end_epoch]` (all epochs after
-    `begin_epoch` when `end_epoch` is None), so weights may be re-ranked while the level
-    stays constant.
+    The first update is at `t = begin_epoch`: before the first training step for
+    `begin_epoch=0` (prune a pretrained model, then fine-tune), at the end of epoch
+    `begin_epoch - 1` otherwise. Masks are recomputed at every update in
+    `[begin_epoch, end_epoch]` (on, when `end_epoch` is None); with the default monotone
+    masks the level stays and nothing regrows. To train a fresh model a while before
+    pruning it, set `begin_epoch >= 1` or use `PolynomialDecay`.
 
     Args:
         sparsity: target fraction of zero weights, in [0, 1).
-        begin_epoch: masks start changing at the end of this epoch (0-based).
+        begin_epoch: completed epochs at which the first update happens (0 = at the start).
         end_epoch: last progress point at which masks change (None: never stop).
     """
 
@@ -100,7 +106,7 @@ class ConstantSparsity(Schedule):
             )
 
     def __call__(self, t):
-        return self.sparsity if t > self.begin_epoch + _EPS else 0.0
+        return self.sparsity if t >= self.begin_epoch - _EPS else 0.0
 
     def get_config(self):
         return {
@@ -115,13 +121,17 @@ class PolynomialDecay(Schedule):
     """Gradual pruning (Zhu & Gupta, 2017): sparsity rises polynomially, then holds.
 
     `s(t) = s_f + (s_i - s_f) * (1 - (t - begin) / (end - begin)) ** power` for
-    `begin <= t <= end`; `s_i` before, `s_f` after. With per-epoch updates the final
-    sparsity is reached **exactly** at the end of epoch `end_epoch - 1` and held after.
+    `begin <= t <= end`; `s_i` before, `s_f` after. Updates happen at every progress point
+    in `[begin, end]`, as in tfmot: the first one, at `t = begin_epoch`, applies
+    `initial_sparsity` (before the first step when `begin_epoch=0`). With per-epoch updates
+    the final sparsity is reached **exactly** at the end of epoch `end_epoch - 1` and held
+    after.
 
     Args:
-        initial_sparsity: sparsity at `begin_epoch`, in [0, 1).
+        initial_sparsity: sparsity applied at `begin_epoch`, in [0, 1).
         final_sparsity: sparsity from `end_epoch` on, in [0, 1).
-        begin_epoch: first epoch whose end updates the masks (0-based).
+        begin_epoch: completed epochs at which the first update happens (tfmot's
+            `begin_step / steps_per_epoch`).
         end_epoch: progress at which `final_sparsity` is reached; > `begin_epoch`.
         power: exponent of the decay (3 in Zhu & Gupta).
     """
@@ -151,7 +161,7 @@ class PolynomialDecay(Schedule):
 
     def is_update(self, t):
         # Keep re-ranking after the ramp? No: hold the final masks (tfmot semantics).
-        return self.begin_epoch + _EPS < t <= self.end_epoch + _EPS
+        return self.begin_epoch - _EPS <= t <= self.end_epoch + _EPS
 
     def get_config(self):
         return {

@@ -210,3 +210,86 @@ def test_mirrored_strategy_matches_single_device(tmp_path):
         env=env,
     )
     assert "RESULT True 0.7" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+class _MaskSpy(keras.callbacks.Callback):
+    """Records the overall mask sparsity after every step and every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps, self.epochs, self.first = [], [], None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.first is None:
+            self.first = kib.sparsity(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps.append(kib.sparsity(self.model))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(kib.sparsity(self.model))
+
+
+def test_update_every_n_steps_is_exact_across_epoch_ends():
+    model = _compile(kib.prune(small_cnn()))
+    cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.8, 0, 3), update_every=3, score="magnitude")
+    spy = _MaskSpy()
+    x, y = data(32)
+    model.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False, callbacks=[cb, spy])
+    seq = [0.0] + spy.steps  # 4 steps per epoch, 12 in all
+    changed = [i for i in range(1, len(seq)) if seq[i] != seq[i - 1]]
+    assert changed == [3, 6, 9, 12]
+
+
+def test_schedule_start_matches_tfmot_begin_step():
+    # begin_epoch = 2: initial_sparsity at the end of epoch 1 (tfmot: at step begin_step).
+    model = _compile(kib.prune(small_cnn()))
+    spy = _MaskSpy()
+    cb = kib.IBPruning(kib.PolynomialDecay(0.3, 0.8, begin_epoch=2, end_epoch=4),
+                       score="magnitude")
+    x, y = data(96)
+    model.fit(x, y, batch_size=32, epochs=5, verbose=0, callbacks=[cb, spy])
+    expected = [0.0, 0.3, 0.8 - 0.5 * 0.5**3, 0.8, 0.8]
+    np.testing.assert_allclose(spy.epochs, expected, atol=2e-3)
+    # begin_epoch = 0: initial_sparsity before the first training step (tfmot's step 0).
+    model = _compile(kib.prune(small_cnn()))
+    spy = _MaskSpy()
+    cb = kib.IBPruning(kib.PolynomialDecay(0.3, 0.8, 0, 2), score="magnitude")
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[cb, spy])
+    assert spy.first == pytest.approx(0.3, abs=2e-3)
+
+
+def test_unreachable_final_sparsity_warns_at_begin_and_end():
+    model = _compile(kib.prune(small_cnn()))
+    cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.8, 0, 10), score="magnitude")
+    with pytest.warns(UserWarning) as record:
+        _fit(model, cb, epochs=3)
+    texts = [str(r.message) for r in record if "IBPruning" in str(r.message)]
+    assert any("final sparsity 0.8" in t and "3 epochs" in t for t in texts)
+    assert any("training ended" in t for t in texts)
+    # A fit that reaches the target says nothing.
+    import warnings
+
+    model = _compile(kib.prune(small_cnn()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(model, kib.IBPruning(kib.PolynomialDecay(0.0, 0.8, 0, 2), score="magnitude"),
+             epochs=3)
+    assert not [w for w in caught if "IBPruning" in str(w.message)]
+
+
+def test_lazily_built_subclassed_model_needs_no_manual_build():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.fc = kib.PruneWrapper(keras.layers.Dense(16, activation="relu"))
+            self.out = kib.PruneWrapper(keras.layers.Dense(10))
+
+        def call(self, x):
+            return self.out(self.fc(keras.ops.reshape(x, (-1, 64))))
+
+    model = _compile(Net())
+    assert not model.built
+    _fit(model, kib.IBPruning(kib.PolynomialDecay(0.0, 0.5, 0, 2), score="magnitude"),
+         epochs=3)
+    assert kib.sparsity(model) == pytest.approx(0.5, abs=0.01)

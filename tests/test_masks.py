@@ -62,7 +62,27 @@ def test_selection_matches_a_stable_sort(seed):
     s = rng.integers(0, 5, 200).astype(float)  # many ties
     s[rng.random(200) < 0.1] = -np.inf
     for sparsity in (0.05, 0.3, 0.77, 1.0):
-        k = round(sparsity * s.size)
+        k = min(round(sparsity * s.size), s.size - 1)  # one entry always survives
         expected = np.ones(s.size, np.float32)
         expected[np.argsort(s, kind="stable")[:k]] = 0
         np.testing.assert_array_equal(masks.topk_mask(s, sparsity), expected)
+
+
+def test_topk_never_empties_a_tensor():
+    s = np.random.default_rng(0).normal(size=(4, 3))
+    m = masks.topk_mask(s, 0.99)
+    assert m.sum() == 1 and m.ravel()[np.argmax(s)] == 1  # the best one survives
+    # Monotone: everything else already pruned still leaves one entry.
+    prev = np.zeros((4, 3), np.float32)
+    prev[0, 0] = 1
+    assert masks.topk_mask(s, 0.99, prev_mask=prev).sum() == 1
+
+
+@pytest.mark.parametrize("block", [None, (2, 1)])
+def test_topk_keeps_forced_entries_even_above_target(block):
+    s = np.arange(24, dtype=float).reshape(8, 3)
+    keep = np.zeros((8, 3), bool)
+    keep[0, :] = True  # the lowest score of every column must stay
+    m = masks.topk_mask(s, 0.99, block_size=block, keep=keep)
+    assert np.all(m[0] == 1)
+    assert m.sum() == (3 if block is None else 6)  # nothing else survives

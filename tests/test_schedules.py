@@ -15,8 +15,9 @@ def test_polynomial_reaches_final_exactly_at_end_of_epoch_end_minus_1(begin, end
     assert s(begin) == pytest.approx(0.1)
     values = [s(t) for t in range(begin + 1, end + 1)]
     assert all(a < b for a, b in zip(values, values[1:]))
+    # tfmot semantics: the first update is at t = begin (begin_step), applying s_i.
     assert [s.is_update(t) for t in range(0, end + 3)] == [
-        begin < t <= end for t in range(0, end + 3)
+        begin <= t <= end for t in range(0, end + 3)
     ]
 
 
@@ -27,8 +28,8 @@ def test_polynomial_formula():
 
 def test_constant_and_one_shot():
     c = kib.ConstantSparsity(0.5, begin_epoch=1, end_epoch=3)
-    assert [c(t) for t in (0, 1, 2, 5)] == [0.0, 0.0, 0.5, 0.5]
-    assert [c.is_update(t) for t in (1, 2, 3, 4)] == [False, True, True, False]
+    assert [c(t) for t in (0, 1, 2, 5)] == [0.0, 0.5, 0.5, 0.5]
+    assert [c.is_update(t) for t in (0, 1, 2, 3, 4)] == [False, True, True, True, False]
     o = kib.OneShot(0.7, epoch=2)
     assert [o.is_update(t) for t in range(6)] == [False, False, False, True, False, False]
     assert o(3) == 0.7 and o(2) == 0.0
@@ -108,3 +109,17 @@ def test_tfmot_schedule_is_accepted(monkeypatch):
     s = schedules.get(sched, steps_per_epoch=10)
     assert s(4) == pytest.approx(0.8)
     assert s.is_update(1)
+
+
+@pytest.mark.parametrize("spe,begin,end,freq", [(4, 2, 6, 4), (5, 1, 3, 5), (3, 0, 2, 3)])
+def test_polynomial_matches_tfmot_at_epoch_boundaries(spe, begin, end, freq):
+    """Same updates and targets as tfmot's step schedule with frequency = steps per epoch."""
+    tfmot = pytest.importorskip("tensorflow_model_optimization")
+    ref = tfmot.sparsity.keras.PolynomialDecay(
+        0.2, 0.8, begin_step=begin * spe, end_step=end * spe, frequency=freq)
+    ours = kib.PolynomialDecay(0.2, 0.8, begin, end)
+    for epoch_t in range(0, end + 3):
+        should, target = ref(np.int64(epoch_t * spe))
+        assert ours.is_update(epoch_t) == bool(should), epoch_t
+        if bool(should):
+            assert ours(epoch_t) == pytest.approx(float(target), abs=1e-6), epoch_t

@@ -1,0 +1,84 @@
+"""The pruning engine: masks it writes, what it protects, the optimizer state it clears."""
+
+import glob
+
+import keras
+import numpy as np
+import pytest
+
+import keras_ibprune as kib
+
+
+def _mlp(seed=0, hidden=16, classes=3):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(hidden, activation="relu", name="fc")(inp)
+    out = keras.layers.Dense(classes, name="logits")(h)
+    return keras.Model(inp, out)
+
+
+def _data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 8)).astype("float32"), rng.integers(0, 3, n)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("sparsity", [0.99, 0.999])
+def test_output_units_keep_a_weight_and_no_tensor_is_emptied(allocation, sparsity):
+    model = kib.prune(_mlp())
+    pruner = kib.Pruner(model, kib.ConstantSparsity(sparsity), score="magnitude",
+                        allocation=allocation)
+    pruner.reset()
+    pruner.update(1.0)
+    masks = {w.layer.name: w.masks[0].numpy() for w in pruner.wrappers}
+    assert np.all(masks["logits"].sum(axis=0) >= 1)  # every output unit stays connected
+    assert all(m.sum() >= 1 for m in masks.values())
+    # Without the output constraint a tensor still never goes empty.
+    model = kib.prune(_mlp())
+    pruner = kib.Pruner(model, kib.ConstantSparsity(sparsity), score="magnitude",
+                        allocation=allocation, keep_connected=False)
+    pruner.reset()
+    pruner.update(1.0)
+    assert all(w.masks[0].numpy().sum() >= 1 for w in pruner.wrappers)
+
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+    "adam": lambda: keras.optimizers.Adam(1e-2),
+    "adamw": lambda: keras.optimizers.AdamW(1e-2, weight_decay=0.01),
+    "rmsprop": lambda: keras.optimizers.RMSprop(1e-2, momentum=0.5),
+    "adafactor": lambda: keras.optimizers.Adafactor(1e-2),
+    "nadam_ema": lambda: keras.optimizers.Nadam(1e-2, use_ema=True),
+}
+
+
+@pytest.mark.parametrize("checkpoint_first", [True, False])
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_weights_stay_zero_at_every_step_with_stateful_optimizers(opt, checkpoint_first,
+                                                                    tmp_path):
+    model = kib.prune(_mlp())
+    model.compile(OPTIMIZERS[opt](), keras.losses.SparseCategoricalCrossentropy(True))
+    wrappers = kib.stats.find_wrappers(model)
+    leaks = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            for w in wrappers:
+                m, v = w.masks[0].numpy(), w.layer.kernel.numpy()
+                leaks.append(float(np.abs(v[m == 0]).max(initial=0.0)))
+
+    ckpt = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "ck_{epoch}_{batch}.weights.h5"), save_weights_only=True, save_freq=3)
+    cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.5, 0, 1), score="magnitude")
+    x, y = _data()
+    cbs = [ckpt, cb, Spy()] if checkpoint_first else [cb, ckpt, Spy()]
+    model.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False, callbacks=cbs)
+    assert kib.sparsity(model) == pytest.approx(0.5, abs=0.02)
+    # Masks are set at the end of epoch 0 (step 8); every later step keeps pruned weights 0.
+    assert max(leaks[8 * len(wrappers):]) == 0.0
+    saved = sorted(glob.glob(str(tmp_path / "ck_[23]_*.weights.h5")))
+    assert saved
+    for path in saved:  # checkpoints written in epochs 2 and 3 are sparse
+        model.load_weights(path)
+        for w in wrappers:
+            assert np.mean(w.layer.kernel.numpy() == 0) >= 0.5 - 1e-9, path
