@@ -7,6 +7,7 @@ and its constructor arguments are accepted here unchanged.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import keras
@@ -63,6 +64,9 @@ class IBPruning(keras.callbacks.Callback):
                 f"Received: update_every={update_every!r}"
             )
         self.update_every = update_every
+        # `fit` under a multi-worker strategy fails inside Keras before any callback runs;
+        # a callback created in the strategy's scope can still say so, with the way out.
+        _check_strategy(None)
         self.pruner = Pruner(None, schedule, log_information=log_information, _stacklevel=3,
                              **pruner_kwargs)  # validates every argument now
         self._steps = None
@@ -91,6 +95,7 @@ class IBPruning(keras.callbacks.Callback):
         self._first_epoch = None
         self._ready = False
         self.pruner.model = self.model
+        _check_strategy(self.model)
         if self.update_every != "epoch" and not self._steps:
             warnings.warn(
                 f"IBPruning: update_every={self.update_every} needs the number of steps per "
@@ -184,3 +189,24 @@ class IBPruning(keras.callbacks.Callback):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _check_strategy(model):
+    """Fails early under a multi-worker `MultiWorkerMirroredStrategy`: Keras 3's `fit`
+    cannot run it (verified with TF 2.21 / Keras 3.15, with or without this package)."""
+    tf = sys.modules.get("tensorflow")  # never import TensorFlow just for this check
+    if keras.backend.backend() != "tensorflow" or tf is None:
+        return
+    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    resolver = getattr(strategy, "cluster_resolver", None)
+    workers = len(resolver.cluster_spec().as_dict().get("worker", [])) if resolver else 1
+    if workers > 1:
+        raise RuntimeError(
+            "Keras 3's `fit` does not run under MultiWorkerMirroredStrategy with several "
+            "workers (keras-team/keras#20585: 'Attempt to convert a value (PerReplica...)'). "
+            "Train with a custom loop and `kib.Pruner` instead: see examples/multi_worker.py "
+            "and docs/distributed.md. Received: strategy=MultiWorkerMirroredStrategy with "
+            f"{workers} workers"
+        )

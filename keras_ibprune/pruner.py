@@ -76,6 +76,11 @@ class Pruner:
         round_to: channel granularity: keep a multiple of this many units per layer.
         log_information: let the score log its information quantities (``I_TY/<layer>``,
             ``I_XT/<layer>``) at every update and on `measure()`.
+
+    Attributes:
+        optimizer: the optimizer whose per-weight state (momentum, velocities) of pruned
+            weights is zeroed at each update and `rezero()`; None (default) = the model's
+            compiled optimizer. Set it in a custom loop.
     """
 
     def __init__(self, model, schedule, score=None, allocation=None, held_out=None,
@@ -128,6 +133,7 @@ class Pruner:
         self.verbose = verbose
         self.log_information = bool(log_information)
         self.wrappers = []
+        self.optimizer = None  # custom loops: set it, so pruned weights' state is zeroed too
         self.last_target = 0.0
         self.last_update_seconds = 0.0
         self._channels = None
@@ -356,7 +362,7 @@ class Pruner:
         return w.layer.name in self.exclude or w.name in self.exclude
 
     def _optimizer(self):
-        return getattr(self.model, "optimizer", None)
+        return self.optimizer or getattr(self.model, "optimizer", None)
 
     def rezero(self):
         """Zeroes pruned weights and their optimizer state (momentum, velocity) again."""
