@@ -6,13 +6,19 @@ LayerNormalization), average pooling and a Dense classifier. Only the attention
 projections and the feed-forward kernels are pruned (`kib.prune(model, layers=[...])`),
 with IB scores on a held-out split; the embeddings and the classifier stay dense.
 
-Data. No PyPI package we could find ships a labelled text corpus that works offline
-(scikit-learn's 20 newsgroups, Keras' IMDB and the NLTK corpora download at run time), so
-by default this example uses a **generated** sentiment task, and says so in its output:
-sentences of filler words, positive and negative words, negators ("not", "never") that flip
-the next sentiment word and intensifiers ("very") that double it; the label is the sign of
-the total. Getting it right needs word order (negation), which is what attention is for.
-To train on a real corpus, pass `--corpus FILE.tsv` with one `label<TAB>text` per line.
+Data. When the real **SMS Spam Collection** (5,574 messages, ham/spam, 13 % spam) is present
+at `../shared/data/sms-spam/SMSSpamCollection` (next to the repository; or pass `--corpus`),
+the example uses it: exact duplicate texts are dropped *before* splitting (403 copies: a random
+split would put the same message in train and test), then a stratified 70/15/15
+train/validation/test split with seed 0; the held-out batch for the IB statistics comes from
+the validation split, and the test split reports accuracy and macro precision / recall / F1
+(the classes are imbalanced: accuracy alone flatters a model that says "ham"). Without that
+file (the package never needs it) it falls back to a **generated** sentiment task, and says
+so in its output: sentences of filler words, positive and negative words, negators ("not",
+"never") that flip the next sentiment word and intensifiers ("very") that double it; the
+label is the sign of the total. `--data generated` forces the fallback; `--corpus FILE.tsv`
+reads any `label<TAB>text` file. Token ids are int32 inputs (Embedding), in Keras and in
+the exported `.tflite` file.
 
     python examples/text_classification.py
     python examples/text_classification.py --corpus reviews.tsv
@@ -32,7 +38,10 @@ import numpy as np
 
 import keras_ibprune as kib
 
-SEQ_LEN = 24
+SEQ_LEN = 24  # generated sentences
+SMS_SEQ_LEN = 40  # SMS messages: median 62 characters, a long tail to 910
+SMS_PATH = (pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sms-spam"
+            / "SMSSpamCollection")
 POSITIVE = ("good great excellent superb lovely delightful pleasant enjoyable brilliant "
             "charming wonderful fun").split()
 NEGATIVE = ("bad awful terrible poor boring dull dreadful weak annoying clumsy messy "
@@ -69,6 +78,28 @@ def generated_corpus(n, seed=0):
     return texts, np.asarray(labels, dtype="int64")
 
 
+def deduplicate(texts, labels):
+    """Keeps the first copy of every distinct text; returns `(texts, labels, dropped)`."""
+    seen, keep = set(), []
+    for i, text in enumerate(texts):
+        if text not in seen:
+            seen.add(text)
+            keep.append(i)
+    return [texts[i] for i in keep], np.asarray(labels)[keep], len(texts) - len(keep)
+
+
+def stratified_split(n_labels, seed=0, fractions=(0.7, 0.15, 0.15)):
+    """Index arrays `(train, val, test)`, each with the class proportions of `n_labels`."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(n_labels))
+    train, rest = train_test_split(idx, train_size=fractions[0], stratify=n_labels,
+                                   random_state=seed)
+    val, test = train_test_split(rest, test_size=fractions[2] / (1 - fractions[0]),
+                                 stratify=n_labels[rest], random_state=seed)
+    return train, val, test
+
+
 def read_corpus(path):
     """`(texts, labels)` from a `label<TAB>text` file; labels become ids 0..k-1."""
     texts, names = [], []
@@ -97,10 +128,11 @@ class PositionEmbedding(keras.layers.Layer):
         return x + self.positions
 
 
-def build_model(vocab_size, num_classes, dim=32, heads=2, ff=64):
-    """Token+position embedding -> one Transformer block -> mean pooling -> Dense."""
+def build_model(vocab_size, num_classes, dim=32, heads=2, ff=64, seq_len=SEQ_LEN):
+    """Int token ids -> token+position embedding -> one Transformer block -> mean pooling
+    -> Dense."""
     L = keras.layers
-    tokens = keras.Input((SEQ_LEN,), name="tokens")
+    tokens = keras.Input((seq_len,), dtype="int32", name="tokens")
     x = L.Embedding(vocab_size, dim, name="token_embedding")(tokens)
     x = PositionEmbedding(name="position_embedding")(x)
     attn = L.MultiHeadAttention(heads, dim // heads, name="attention")(x, x)
@@ -116,7 +148,10 @@ def build_model(vocab_size, num_classes, dim=32, heads=2, ff=64):
 def main(argv=None):
     quick_env = os.environ.get("KIB_QUICK") == "1"
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", help="label<TAB>text file (default: the generated task)")
+    p.add_argument("--corpus", help="label<TAB>text file (default: the SMS Spam Collection "
+                   "when present, else the generated task)")
+    p.add_argument("--data", choices=("auto", "generated"), default="auto",
+                   help="'generated' forces the synthetic task")
     p.add_argument("--samples", type=int, default=None, help="generated sentences")
     p.add_argument("--sparsity", type=float, default=0.8, help="target sparsity")
     p.add_argument("--score", default="ib", help="pruning score (default: ib)")
@@ -133,28 +168,35 @@ def main(argv=None):
     start = time.perf_counter()
     keras.utils.set_random_seed(0)
 
-    if args.corpus:
-        texts, labels = read_corpus(args.corpus)
-        source = f"corpus {args.corpus}"
+    corpus = args.corpus or (SMS_PATH if args.data == "auto" and SMS_PATH.is_file() else None)
+    if corpus:
+        texts, labels = read_corpus(corpus)
+        texts, labels, dropped = deduplicate(texts, labels)
+        if args.quick:  # a smoke run: a stratified subset
+            keep, _, _ = stratified_split(labels, fractions=(0.3, 0.35, 0.35))
+            texts, labels = [texts[i] for i in sorted(keep)], labels[sorted(keep)]
+        name = "SMS Spam Collection (real data)" if pathlib.Path(corpus) == SMS_PATH else (
+            f"corpus {corpus}")
+        source = f"{name}, {dropped} duplicate texts dropped before splitting"
+        seq_len = SMS_SEQ_LEN
+        split = stratified_split(labels)
     else:
         texts, labels = generated_corpus(args.samples or (1500 if args.quick else 6000))
         source = "GENERATED sentiment task (synthetic sentences, see the module docstring)"
-    vectorize = keras.layers.TextVectorization(max_tokens=5000, output_sequence_length=SEQ_LEN)
-    vectorize.adapt(texts)
-    x = np.asarray(vectorize(np.asarray(texts)), dtype="float32")  # token ids (TFLite: float)
-    order = np.random.default_rng(0).permutation(len(x))
-    x, y = x[order], labels[order]
-    n_eval = len(x) // 6
-    xte, yte = x[:n_eval], y[:n_eval]
-    xval, yval = x[n_eval : 2 * n_eval], y[n_eval : 2 * n_eval]
-    xtr, ytr = x[2 * n_eval :], y[2 * n_eval :]
-    num_classes = int(y.max()) + 1
-    print(f"data: {source}: {len(xtr)} train / {len(xval)} held-out / {len(xte)} test, "
-          f"{num_classes} classes, vocabulary {vectorize.vocabulary_size()}")
-    print(f"example: {texts[order[0]]!r} -> label {y[0]}")
+        seq_len = SEQ_LEN
+        split = stratified_split(labels)
+    vectorize = keras.layers.TextVectorization(max_tokens=5000, output_sequence_length=seq_len)
+    vectorize.adapt([texts[i] for i in split[0]])  # the vocabulary of the training split
+    x = np.asarray(vectorize(np.asarray(texts)), dtype="int32")  # token ids
+    (xtr, ytr), (xval, yval), (xte, yte) = ((x[i], labels[i]) for i in split)
+    num_classes = int(labels.max()) + 1
+    print(f"data: {source}: {len(xtr)} train / {len(xval)} validation (held-out batch) / "
+          f"{len(xte)} test, stratified, seed 0; {num_classes} classes with counts "
+          f"{np.bincount(labels).tolist()}, vocabulary {vectorize.vocabulary_size()}")
+    print(f"example: {texts[split[0][0]][:80]!r} -> label {ytr[0]}")
 
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    dense = build_model(vectorize.vocabulary_size(), num_classes)
+    dense = build_model(vectorize.vocabulary_size(), num_classes, seq_len=seq_len)
     dense.compile(keras.optimizers.Adam(4e-3), loss, metrics=["accuracy"])
     dense.fit(xtr, ytr, batch_size=64, epochs=epochs, validation_data=(xval, yval), verbose=2)
 
@@ -171,9 +213,11 @@ def main(argv=None):
     before, after = kib.evaluate(dense, xte, yte), kib.evaluate(final, xte, yte)
     report = kib.export_tflite(final, out_dir / "text.tflite", verify_data=xte, latency_runs=20)
     on_device = kib.evaluate(str(out_dir / "text.tflite"), xte, yte)
-    print(f"\n{'test split':<12} {'dense':>8} {'pruned':>8} {'tflite':>8}")
+    print(f"\ntest split ({len(xte)} samples; precision / recall / f1 are macro averages)")
+    print(f"{'metric':<12} {'dense':>8} {'pruned':>8} {'tflite':>8}")
     for k in before:
         print(f"{k:<12} {before[k]:>8.4f} {after[k]:>8.4f} {on_device[k]:>8.4f}")
+    print(f"TFLite input: {report.inputs[0]['dtype']} token ids {report.inputs[0]['shape']}")
     print(f"TFLite: {report.file_bytes:,} bytes sparse vs {report.dense_bytes:,} dense "
           f"(top-1 agreement with Keras {report.top1_agreement:.4f}, "
           f"{report.latency_ms:.3f} ms per sentence)")

@@ -267,6 +267,15 @@ def format_report(report):
         ("interpreter", fmt(report.interpreter)),
         ("ops", ", ".join(f"{k} x{v}" for k, v in count(report.ops).items())),
     ]
+    for kind, tensors in (("input", getattr(report, "inputs", [])),
+                          ("output", getattr(report, "outputs", []))):
+        for t in tensors:
+            q = t.get("quantization") or [0.0, 0]
+            text = f"{'x'.join(map(str, t.get('shape', [])))} {t.get('dtype', '-')}"
+            text += f" (scale {q[0]:.4g}, zero point {q[1]})" if q[0] else ""
+            if t.get("max_abs_diff") is not None:
+                text += f", max |Keras - TFLite| {t['max_abs_diff']:.3g}"
+            rows.append((f"{kind} {t['name']}", text))
     for name, value in (report.metrics or {}).items():
         rows.append((name, ", ".join(f"{k}={v:.4f}" for k, v in value.items())))
     width = max(len(r[0]) for r in rows)
@@ -293,8 +302,17 @@ def unsupported_ops(message):
     return sorted(set(found))
 
 
+def _quantized(detail):
+    scale, _ = detail.get("quantization", (0.0, 0))
+    return bool(scale) and detail["dtype"] in (np.int8, np.uint8, np.int16)
+
+
 class Runner:
-    """Runs a `.tflite` file (path or bytes) in the LiteRT interpreter."""
+    """Runs a `.tflite` file (path or bytes) in the LiteRT interpreter.
+
+    Inputs and outputs are found by name through the file's signature (files written by
+    `export_tflite` have one); files without a signature use the tensors' order.
+    """
 
     def __init__(self, model, num_threads=1):
         try:
@@ -311,17 +329,32 @@ class Runner:
         self._kwargs["model_path" if isinstance(model, str) else "model_content"] = model
         self._interp = self._batch = None
         self.notes = []
+        self._open(self._lite.Interpreter(**self._kwargs))
+
+    def _open(self, interp):
+        """Reads the input / output details `{name: detail}` (signature names if any)."""
+        self._interp = interp
+        signatures = interp.get_signature_list()
+        if signatures:
+            runner = interp.get_signature_runner(next(iter(signatures)))
+            self.inputs, self.outputs = runner.get_input_details(), runner.get_output_details()
+        else:
+            self.inputs = {d["name"]: d for d in interp.get_input_details()}
+            self.outputs = {d["name"]: d for d in interp.get_output_details()}
+
+    def _resize(self, batch):
+        for d in self.inputs.values():
+            self._interp.resize_tensor_input(d["index"], [batch] + list(d["shape"][1:]))
+        self._interp.allocate_tensors()
+        for d in self.inputs.values():  # zeros, not garbage: a GATHER checks its ids
+            self._interp.set_tensor(d["index"], np.zeros([batch] + list(d["shape"][1:]),
+                                                         d["dtype"]))
 
     def _prepare(self, batch):
-        if self._interp is not None and batch == self._batch:
+        if self._batch is not None and batch == self._batch:
             return
-        fallback = self._resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        if self._interp is None:
-            self._interp = self._lite.Interpreter(**self._kwargs)
-        inp = self._interp.get_input_details()[0]
         try:
-            self._interp.resize_tensor_input(inp["index"], [batch] + list(inp["shape"][1:]))
-            self._interp.allocate_tensors()
+            self._resize(batch)
             self._interp.invoke()  # delegates may only fail on first invoke
         except RuntimeError as err:
             if self.notes:  # already on the builtin kernels
@@ -329,38 +362,77 @@ class Runner:
             self.notes.append("the default XNNPACK delegate refused this file "
                               f"({str(err).strip()[:70]}...); it runs with the builtin "
                               "kernels (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)")
-            self._interp = self._lite.Interpreter(
-                **self._kwargs, experimental_op_resolver_type=fallback)
-            self._interp.resize_tensor_input(inp["index"], [batch] + list(inp["shape"][1:]))
-            self._interp.allocate_tensors()
+            fallback = self._resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            self._open(self._lite.Interpreter(**self._kwargs,
+                                              experimental_op_resolver_type=fallback))
+            self._resize(batch)
         self._batch = batch
 
+    def _keyed(self, x):
+        """`x` (one array, a dict by input name, or a list in the file's input order) as
+        `{input name: array}`."""
+        names = list(self.inputs)
+        if isinstance(x, dict):  # model input names as `export_tflite` spells them
+            x = {k if k in self.inputs else re.sub(r"\W", "_", str(k)): v for k, v in x.items()}
+            if set(x) != set(names):
+                raise ValueError(f"The .tflite file's inputs are {names}. Received: inputs "
+                                 f"keyed {list(x)}")
+            return {k: np.asarray(x[k]) for k in names}
+        if isinstance(x, (list, tuple)):
+            if len(x) != len(names):
+                raise ValueError(f"The .tflite file has {len(names)} inputs {names}. "
+                                 f"Received: {len(x)} arrays")
+            return {k: np.asarray(v) for k, v in zip(names, x)}
+        if len(names) != 1:
+            raise ValueError(f"The .tflite file has {len(names)} inputs {names}: pass a dict "
+                             "keyed by those names. Received: one array")
+        return {names[0]: np.asarray(x)}
+
     def predict(self, x, batch_size=256):
-        outs = []
-        for start in range(0, len(x), batch_size):
-            chunk = np.asarray(x[start : start + batch_size], dtype=np.float32)
-            self._prepare(len(chunk))
-            inp = self._interp.get_input_details()[0]
-            out = self._interp.get_output_details()[0]
-            if inp["dtype"] != np.float32:
-                scale, zero = inp["quantization"]
-                info = np.iinfo(inp["dtype"])
-                chunk = np.clip(np.round(chunk / scale + zero), info.min, info.max)
-            self._interp.set_tensor(inp["index"], chunk.astype(inp["dtype"]))
+        """Outputs for inputs `x`: one array, or `{output name: array}` for several."""
+        x = self._keyed(x)
+        n = len(next(iter(x.values())))
+        outs = {k: [] for k in self.outputs}
+        for start in range(0, n, batch_size):
+            chunk = {k: v[start : start + batch_size] for k, v in x.items()}
+            self._prepare(len(next(iter(chunk.values()))))
+            for name, d in self.inputs.items():
+                value = chunk[name]
+                if _quantized(d):
+                    scale, zero = d["quantization"]
+                    info = np.iinfo(d["dtype"])
+                    value = np.clip(np.round(value.astype(np.float32) / scale + zero),
+                                    info.min, info.max)
+                self._interp.set_tensor(d["index"], np.ascontiguousarray(
+                    value.astype(d["dtype"])))
             self._interp.invoke()
-            y = self._interp.get_tensor(out["index"])
-            if out["dtype"] != np.float32:
-                scale, zero = out["quantization"]
-                y = (y.astype(np.float32) - zero) * scale
-            outs.append(np.array(y, dtype=np.float32))
-        return np.concatenate(outs)
+            for name, d in self.outputs.items():
+                y = self._interp.get_tensor(d["index"])
+                if _quantized(d):
+                    scale, zero = d["quantization"]
+                    y = (y.astype(np.float32) - zero) * scale
+                outs[name].append(np.array(y, dtype=np.float32))
+        result = {k: np.concatenate(v) for k, v in outs.items()}
+        return next(iter(result.values())) if len(result) == 1 else result
 
     def latency_ms(self, sample, runs):
+        """Median single-thread latency (ms) of one inference on the first sample."""
+        x = self._keyed(sample)
         self._prepare(1)
-        self.predict(sample[:1])
+        self.predict({k: v[:1] for k, v in x.items()})
         times = []
         for _ in range(runs):
             start = time.perf_counter()
             self._interp.invoke()
             times.append(time.perf_counter() - start)
         return float(np.median(times) * 1e3)
+
+    def io_details(self):
+        """`(inputs, outputs)`: per tensor `{name, shape, dtype, quantization}`."""
+        def rows(details):
+            return [{"name": k, "shape": [int(s) for s in d["shape"]],
+                     "dtype": np.dtype(d["dtype"]).name,
+                     "quantization": [float(d["quantization"][0]), int(d["quantization"][1])]}
+                    for k, d in details.items()]
+
+        return rows(self.inputs), rows(self.outputs)

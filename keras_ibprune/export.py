@@ -7,11 +7,16 @@ or `(16, 1)` blocks of a Keras `Dense` kernel. Everything else (unstructured
 FC sparsity, every CONV_2D kernel) is only *stored* sparse and expanded at load
 time by a DENSIFY op: it saves file bytes, not compute. `ExportReport.tensors`
 says which case each weight is in.
+
+Models with several inputs and outputs export as one signature whose inputs are named after
+the model's inputs (integer inputs, e.g. token ids, as int32) and whose outputs are named
+after the model's outputs; verification compares every output.
 """
 
 import dataclasses
 import gzip
 import os
+import re
 import tempfile
 
 import keras
@@ -42,7 +47,10 @@ class ExportReport:
     exported without sparse encoding; `dense_float_bytes` the plain float32
     export. `tensors` lists the weights as stored in the flatbuffer (see
     `keras_ibprune._tflite_inspect.inspect_tflite`). `latency_ms` is the median
-    single-thread latency per inference (batch 1) in the interpreter.
+    single-thread latency per inference (batch 1) in the interpreter. `inputs` and
+    `outputs` list the file's signature tensors (`name`, `shape`, `dtype`,
+    `quantization`); verified outputs also carry their `max_abs_diff` and
+    `top1_agreement`, and the top-level figures are the worst over outputs.
     """
 
     path: str
@@ -65,6 +73,8 @@ class ExportReport:
     flops: int | None = None
     metrics: dict | None = None
     notes: list = dataclasses.field(default_factory=list)
+    inputs: list = dataclasses.field(default_factory=list)
+    outputs: list = dataclasses.field(default_factory=list)
 
     @property
     def size_ratio(self):
@@ -91,29 +101,101 @@ def _strip(model):
     return model
 
 
-def _input_shape(model, arrays):
-    try:
-        inputs = model.inputs
-    except (AttributeError, ValueError):
-        inputs = None
-    if inputs:
-        if len(inputs) != 1:
-            raise ValueError(f"Only single-input models can be exported. "
-                             f"Received: a model with {len(inputs)} inputs.")
-        return (None,) + tuple(inputs[0].shape[1:])
-    for arr in arrays:
-        if arr is not None:
-            return (None,) + tuple(np.shape(arr)[1:])
+@dataclasses.dataclass
+class _Input:
+    key: str | None  # the model's input key (None: call the model with one tensor)
+    arg: str  # the signature's input name
+    shape: tuple  # with the batch dimension
+    dtype: str  # "float32" or "int32" in the file
+    model_dtype: str
+
+
+def _arg_names(keys):
+    names = []
+    for key in keys:
+        name = re.sub(r"\W", "_", str(key)) or "input"
+        name = name if not name[0].isdigit() else f"input_{name}"
+        while name in names:
+            name += "_"
+        names.append(name)
+    return names
+
+
+def _file_dtype(dtype):
+    dtype = str(dtype)
+    if "int" in dtype or dtype == "bool":
+        return "int32"
+    return "float32"
+
+
+def _signature(model, input_shape, arrays):
+    """The file's inputs (`_Input`s, in the model's input order)."""
+    if input_shape is not None:
+        return [_Input(None, "x", (None,) + tuple(input_shape), "float32", "float32")]
+    specs = heldout.input_specs(model)
+    if specs:
+        single = len(specs) == 1
+        return [_Input(None if single else key, arg, shape, _file_dtype(dtype), dtype)
+                for (key, shape, dtype), arg in zip(specs, _arg_names(k for k, _, _ in specs))]
+    for data in arrays:
+        if data is None:
+            continue
+        if isinstance(data, dict):
+            keyed = {k: np.asarray(v) for k, v in data.items()}
+            return [_Input(k, arg, (None,) + v.shape[1:], _file_dtype(v.dtype), str(v.dtype))
+                    for (k, v), arg in zip(keyed.items(), _arg_names(keyed))]
+        if isinstance(data, (list, tuple)):
+            raise ValueError("A subclassed model with several inputs needs `verify_data` as a "
+                             "dict keyed by input name. Received: a list of arrays")
+        arr = np.asarray(data)
+        return [_Input(None, "x", (None,) + arr.shape[1:], "float32", "float32")]
     raise ValueError("Cannot infer the input shape of this subclassed model. Pass "
                      "`input_shape=` or `verify_data=`. Received: input_shape=None")
 
 
-def _check_data(name, data, shape):
+def _check_data(name, data, model, inputs):
+    """`data` validated against the model as `{signature input name: array}`, or None."""
     if data is None:
         return None
-    arr = np.asarray(data, dtype=np.float32)
-    heldout.check_shape(shape, arr, name)
-    return arr
+    if heldout.input_specs(model) or inputs[0].key is not None:
+        x = heldout.standardize_inputs(model, data, name)
+    else:  # a subclassed single-input model: the declared or inferred shape
+        x = np.asarray(data)
+        heldout.check_shape(inputs[0].shape, x, name)
+    if not isinstance(x, dict):
+        x = {None: x}
+    return {i.arg: np.asarray(x[i.key]).astype(i.dtype) for i in inputs}
+
+
+def _model_feed(x, inputs):
+    """Signature-keyed arrays as the model takes them (one array or a dict by key)."""
+    if inputs[0].key is None:
+        return x[inputs[0].arg].astype(inputs[0].model_dtype)
+    return {i.key: x[i.arg].astype(i.model_dtype) for i in inputs}
+
+
+def _output_names(model, outputs):
+    if isinstance(outputs, dict):
+        return list(outputs)
+    if isinstance(outputs, (list, tuple)):
+        names = list(getattr(model, "output_names", None) or [])
+        return names if len(names) == len(outputs) else [f"output_{i}" for i in
+                                                          range(len(outputs))]
+    return ["output_0"]
+
+
+def _flat_outputs(outputs):
+    if isinstance(outputs, dict):
+        return list(outputs.values())
+    if isinstance(outputs, (list, tuple)):
+        return list(outputs)
+    return [outputs]
+
+
+def _random_inputs(inputs, n=32):
+    rng = np.random.default_rng(0)
+    return {i.arg: (rng.integers(0, 2, size=(n,) + i.shape[1:]) if i.dtype == "int32"
+                    else rng.normal(size=(n,) + i.shape[1:])).astype(i.dtype) for i in inputs}
 
 
 def _check_path(filepath):
@@ -135,15 +217,23 @@ def _check_path(filepath):
     return path
 
 
-def _convert(model, shape, sparse, quantize, representative, io_dtype):
+def _convert(model, inputs, sparse, quantize, representative, io_dtype):
     import tensorflow as tf
     from keras.export import ExportArchive
 
+    def serve(*args):
+        feed = {i.key: tf.cast(a, i.model_dtype) if i.dtype != i.model_dtype else a
+                for i, a in zip(inputs, args)}
+        out = model(feed.pop(None) if None in feed else feed, training=False)
+        flat = _flat_outputs(out)
+        return flat[0] if len(flat) == 1 else dict(zip(_arg_names(_output_names(model, out)),
+                                                       flat))
+
+    specs = [tf.TensorSpec(i.shape, tf.as_dtype(i.dtype), name=i.arg) for i in inputs]
     with tempfile.TemporaryDirectory() as saved_model_dir:
         archive = ExportArchive()
         archive.track(model)
-        archive.add_endpoint("serve", lambda x: model(x, training=False),
-                             input_signature=[tf.TensorSpec(shape, tf.float32)])
+        archive.add_endpoint("serve", serve, input_signature=specs)
         archive.write_out(saved_model_dir, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
         optimizations = [tf.lite.Optimize.DEFAULT] if quantize else []
@@ -154,11 +244,11 @@ def _convert(model, shape, sparse, quantize, representative, io_dtype):
         if quantize == "float16":
             converter.target_spec.supported_types = [tf.float16]
         if quantize == "int8":
-            samples = representative[:200]
+            samples = {k: v[:200] for k, v in representative.items()}
 
             def gen():
-                for i in range(len(samples)):
-                    yield [samples[i : i + 1]]
+                for i in range(heldout.num_samples(samples)):
+                    yield {k: v[i : i + 1] for k, v in samples.items()}
 
             converter.representative_dataset = gen
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -205,17 +295,19 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
 
     Args:
         model: Keras model (Sequential, Functional or built subclassed), with
-            or without `PruneWrapper` layers. Single input, float32.
+            or without `PruneWrapper` layers. Several inputs and outputs are fine;
+            float inputs are float32 in the file and integer inputs (token ids) int32.
         filepath: Destination path; its directory must exist.
         sparse: Store sparse weights with TFLite's sparse tensor encoding.
         quantize: None, `"dynamic"` (int8 weights), `"float16"` or `"int8"`
             (full integer, needs `representative_data`).
-        representative_data: Array of inputs (batch first) used to calibrate
-            `"int8"`; the first 200 samples are used.
+        representative_data: Inputs (batch first) used to calibrate `"int8"`; the
+            first 200 samples are used. One array, or for several inputs a dict keyed by
+            input name (or a list in the model's input order).
         verify: Run the file and compare it with Keras before keeping it.
-        verify_data: Inputs for verification; defaults to `representative_data`
-            or, failing that, 32 random normal samples (weak: pass real inputs). The
-            report's `verified_on` says which.
+        verify_data: Inputs for verification, in the same forms; defaults to
+            `representative_data` or, failing that, 32 random samples (N(0, 1) floats, 0/1
+            integer ids; weak: pass real inputs). The report's `verified_on` says which.
         io_dtype: Input/output dtype of an `"int8"` file: `"float32"`,
             `"int8"` or `"uint8"`.
         tolerance: Max allowed |Keras - TFLite| relative to max(1, max |Keras|).
@@ -256,22 +348,24 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
                          "(an array of model inputs). Received: representative_data=None")
     path = _check_path(filepath)
     model = _strip(model)
-    shape = (None,) + tuple(input_shape) if input_shape is not None else _input_shape(
-        model, (verify_data, representative_data))
-    representative = _check_data("representative_data", representative_data, shape)
-    verify_x = _check_data("verify_data", verify_data, shape)
+    inputs = _signature(model, input_shape, (verify_data, representative_data))
+    representative = _check_data("representative_data", representative_data, model, inputs)
+    verify_x = _check_data("verify_data", verify_data, model, inputs)
     notes = []
-    verified_on = None if verify_x is None else f"verify_data ({len(verify_x)} samples)"
+    verified_on = None if verify_x is None else (
+        f"verify_data ({heldout.num_samples(verify_x)} samples)")
     if verify and verify_x is None:
         if representative is not None:
             verify_x = representative
-            verified_on = f"representative_data ({len(verify_x)} samples; no verify_data)"
+            verified_on = (f"representative_data ({heldout.num_samples(verify_x)} samples; "
+                           "no verify_data)")
         else:
-            verify_x = np.random.default_rng(0).normal(size=(32,) + shape[1:]).astype("float32")
-            verified_on = ("32 random N(0, 1) inputs, NOT real data (pass verify_data= to "
-                           "verify on your inputs)")
+            verify_x = _random_inputs(inputs)
+            ints = any(i.dtype == "int32" for i in inputs)
+            verified_on = (f"32 random N(0, 1) inputs{' (integer ids 0/1)' if ints else ''}, "
+                           "NOT real data (pass verify_data= to verify on your inputs)")
 
-    tflite = _convert(model, shape, sparse, quantize, representative, io_dtype)
+    tflite = _convert(model, inputs, sparse, quantize, representative, io_dtype)
     if sparse:
         tflite, inserted = _tflite_inspect.densify_unsupported_sparse_inputs(tflite)
         if inserted:
@@ -290,18 +384,20 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
             params=params, nonzero_params=nonzero, flops=flops, notes=notes,
             verified_on=verified_on if verify else None)
         runner = _tflite_inspect.Runner(tmp)
+        report.inputs, report.outputs = runner.io_details()
         if verify:
-            _verify(model, runner, verify_x, quantize, tolerance, min_agreement, report)
+            _verify(model, runner, verify_x, inputs, quantize, tolerance, min_agreement,
+                    report)
         if latency_runs:
-            sample = verify_x if verify_x is not None else np.zeros((1,) + shape[1:], "float32")
+            sample = verify_x if verify_x is not None else _random_inputs(inputs, 1)
             report.latency_ms = runner.latency_ms(sample, latency_runs)
         report.interpreter = runner.name
         report.notes.extend(runner.notes)
         if compare_dense:
             report.dense_bytes = len(tflite) if not sparse else len(
-                _convert(model, shape, False, quantize, representative, io_dtype))
+                _convert(model, inputs, False, quantize, representative, io_dtype))
             report.dense_float_bytes = report.dense_bytes if quantize is None else len(
-                _convert(model, shape, False, None, None, "float32"))
+                _convert(model, inputs, False, None, None, "float32"))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
@@ -313,29 +409,51 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
     return report
 
 
-def _verify(model, runner, x, quantize, tolerance, min_agreement, report):
+def _verify(model, runner, x, inputs, quantize, tolerance, min_agreement, report):
+    """Compares every output of the file with Keras on `x`; the worst figures are kept."""
     default_tol, default_agree = _DEFAULT_TOLERANCE[quantize]
     tolerance = default_tol if tolerance is None else tolerance
     min_agreement = default_agree if min_agreement is None else min_agreement
-    expected = np.asarray(model.predict(x, batch_size=256, verbose=0), dtype=np.float32)
-    actual = runner.predict(x)
-    if actual.shape != expected.shape:
-        raise ExportVerificationError(f"TFLite output shape {actual.shape} != Keras output "
-                                      f"shape {expected.shape}.")
-    # Kernels can differ between batch 1 and larger batches: keep the worse of the two.
-    single = runner.predict(x[:8], batch_size=1)
-    worse = np.abs(single - expected[:8]) > np.abs(actual[:8] - expected[:8])
-    actual[:8] = np.where(worse, single, actual[:8])
-    diff = float(np.max(np.abs(actual - expected)))
-    report.max_abs_diff, report.verify_samples = diff, len(x)
-    if expected.ndim == 2 and expected.shape[1] > 1:
-        report.top1_agreement = float(np.mean(actual.argmax(1) == expected.argmax(1)))
-    scale = max(1.0, float(np.max(np.abs(expected))))
-    if not np.isfinite(diff) or diff > tolerance * scale or (
-            report.top1_agreement is not None and report.top1_agreement < min_agreement):
+    feed = _model_feed(x, inputs)
+    keras_out = model.predict(feed, batch_size=256, verbose=0)
+    expected = [np.asarray(o, np.float32) for o in _flat_outputs(keras_out)]
+    names = _arg_names(_output_names(model, keras_out))
+    actual, single = runner.predict(x), runner.predict(
+        {k: v[:8] for k, v in x.items()}, batch_size=1)
+    if not isinstance(actual, dict):
+        actual, single = {names[0]: actual}, {names[0]: single}
+    if set(actual) != set(names):
+        raise ExportVerificationError(f"TFLite outputs {sorted(actual)} != Keras outputs "
+                                      f"{sorted(names)}.")
+    n = heldout.num_samples(x)
+    report.verify_samples, failures = n, []
+    rows = {row["name"]: row for row in report.outputs}
+    for name, exp in zip(names, expected):
+        act = actual[name]
+        if act.shape != exp.shape:
+            raise ExportVerificationError(f"TFLite output shape {act.shape} != Keras output "
+                                          f"shape {exp.shape}.")
+        # Kernels can differ between batch 1 and larger batches: keep the worse of the two.
+        worse = np.abs(single[name] - exp[:8]) > np.abs(act[:8] - exp[:8])
+        act[:8] = np.where(worse, single[name], act[:8])
+        diff = float(np.max(np.abs(act - exp)))
+        top1 = (float(np.mean(act.argmax(1) == exp.argmax(1)))
+                if exp.ndim == 2 and exp.shape[1] > 1 else None)
+        rows.setdefault(name, {"name": name}).update(max_abs_diff=diff, top1_agreement=top1)
+        report.max_abs_diff = diff if report.max_abs_diff is None or not np.isfinite(
+            diff) else max(report.max_abs_diff, diff)
+        if top1 is not None:
+            report.top1_agreement = top1 if report.top1_agreement is None else min(
+                report.top1_agreement, top1)
+        scale = max(1.0, float(np.max(np.abs(exp))))
+        if not np.isfinite(diff) or diff > tolerance * scale or (
+                top1 is not None and top1 < min_agreement):
+            failures.append(f"{'output ' + repr(name) + ': ' if len(names) > 1 else ''}"
+                            f"max |Keras - TFLite| = {diff:.4g} (allowed "
+                            f"{tolerance * scale:.4g}), top-1 agreement = {top1} (required "
+                            f"{min_agreement})")
+    if failures:
         raise ExportVerificationError(
-            f"The TFLite file does not match the Keras model on {len(x)} samples: "
-            f"max |Keras - TFLite| = {diff:.4g} (allowed {tolerance * scale:.4g}), top-1 "
-            f"agreement = {report.top1_agreement} (required {min_agreement}). Nothing was "
-            f"written. Loosen `tolerance` / `min_agreement` if this is expected for "
-            f"quantize={quantize!r}.")
+            f"The TFLite file does not match the Keras model on {n} samples: "
+            f"{'; '.join(failures)}. Nothing was written. Loosen `tolerance` / "
+            f"`min_agreement` if this is expected for quantize={quantize!r}.")

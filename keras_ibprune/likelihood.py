@@ -13,11 +13,74 @@ from keras import ops
 
 
 def output_of(outputs, output):
+    """The output `output` (index or key; None = the first) of a model's outputs."""
     if isinstance(outputs, dict):
-        return outputs[output] if output is not None else next(iter(outputs.values()))
+        if output is None:
+            return next(iter(outputs.values()))
+        if output not in outputs:
+            raise ValueError(f"`output` names none of the model's outputs {list(outputs)}. "
+                             f"Received: output={output!r}")
+        return outputs[output]
     if isinstance(outputs, (list, tuple)):
-        return outputs[int(output or 0)]
+        if isinstance(output, str):
+            raise ValueError(
+                "This model returns a list of outputs: pass `output=` as an index, or "
+                f"resolve the name with `resolve_output(model, output)`. Received: "
+                f"output={output!r}")
+        index = int(output or 0)
+        if not -len(outputs) <= index < len(outputs):
+            raise ValueError(f"`output` must index one of the model's {len(outputs)} outputs. "
+                             f"Received: output={output!r}")
+        return outputs[index]
     return outputs
+
+
+def resolve_output(model, output):
+    """`output` (index, name or None) as the key `output_of` takes for `model`'s outputs.
+
+    A model built on a list of outputs gets an index (a name becomes its position in
+    `model.output_names`); one built on a dict keeps the key. Unknown names and indices
+    out of range raise a ValueError naming the outputs.
+    """
+    if output is None:
+        return None
+    try:
+        struct = model.output
+    except (AttributeError, ValueError):  # subclassed / not built: resolved on use
+        return output
+    names = list(getattr(model, "output_names", None) or [])
+    if isinstance(struct, dict):
+        if isinstance(output, int) and not isinstance(output, bool) and 0 <= output < len(
+                struct):
+            return list(struct)[output]
+        if output not in struct:
+            raise ValueError(f"`output` names none of the model's outputs {list(struct)}. "
+                             f"Received: output={output!r}")
+        return output
+    count = len(struct) if isinstance(struct, (list, tuple)) else 1
+    if isinstance(output, str) and output not in names:  # a pruned model: the wrapped name
+        inner = [_inner_name(t) for t in (
+            struct if isinstance(struct, (list, tuple)) else [struct])]
+        if output in inner:
+            return inner.index(output)
+    if isinstance(output, str):
+        if output not in names:
+            raise ValueError(f"`output` names none of the model's outputs {names}. "
+                             f"Received: output={output!r}")
+        return names.index(output)
+    if isinstance(output, bool) or not isinstance(output, (int, np.integer)) or not (
+            -count <= int(output) < count):
+        raise ValueError(f"`output` must be an output name {names} or an index below {count}. "
+                         f"Received: output={output!r}")
+    return int(output)
+
+
+def _inner_name(tensor):
+    """Name of the layer producing a symbolic output (the wrapped layer's for a wrapper)."""
+    from keras_ibprune import _keras_compat
+
+    layer = _keras_compat.producing_layer(tensor)
+    return getattr(getattr(layer, "layer", layer), "name", None)
 
 
 def likelihood_kind(out_sample, label_kind):

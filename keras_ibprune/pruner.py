@@ -237,7 +237,9 @@ class Pruner:
     def _teacher_labels(self, x):
         """Label-free mode: the current (dense) model's predictions, captured once."""
         pred = self.model.predict(x, batch_size=256, verbose=0)
-        pred = np.asarray(likelihood_lib.output_of(pred, self.output)).reshape(len(x), -1)
+        output = likelihood_lib.resolve_output(self.model, self.output)
+        pred = np.asarray(likelihood_lib.output_of(pred, output))
+        pred = pred.reshape(len(pred), -1)  # `x` may be a dict of inputs
         if pred.shape[1] > 1:
             return np.argmax(pred, axis=1).astype(np.int64)
         return pred.astype(np.float64)

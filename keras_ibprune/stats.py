@@ -36,6 +36,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_ibprune import heldout as heldout_lib
 from keras_ibprune import likelihood as likelihood_lib
 
 STATISTICS = ("x2", "gram", "fisher", "fisher_x2", "t_mean", "rows")
@@ -86,6 +87,15 @@ def find_wrappers(model):
 
 def _np(x):
     return None if x is None else np.asarray(ops.convert_to_numpy(x))
+
+
+def _tensors(x):
+    """A batch (one array, or a dict / list of arrays) as backend tensors."""
+    if isinstance(x, dict):
+        return {k: ops.convert_to_tensor(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [ops.convert_to_tensor(v) for v in x]
+    return ops.convert_to_tensor(x)
 
 
 def layer_kind(layer):
@@ -229,7 +239,8 @@ class StatisticsPass:
             raise ValueError("`fisher` must be 'model' or 'empirical'. Received: "
                              f"fisher={fisher!r}")
         self.model, self.wrappers, self.needs = model, list(wrappers), set(needs)
-        self.output, self.fisher, self.seed = output, fisher, int(seed)
+        self.output = likelihood_lib.resolve_output(model, output)
+        self.fisher, self.seed = fisher, int(seed)
         self.max_rows, self.batch_size = int(max_rows), int(batch_size)
         self.fisher_samples = None if fisher_samples is None else int(fisher_samples)
         self.max_gram_dim = int(max_gram_dim)
@@ -326,10 +337,10 @@ class StatisticsPass:
         """Returns one dict of numpy statistics per wrapper (see the module doc)."""
         from keras_ibprune.estimators import label_kind
 
-        n = len(x)
+        n = heldout_lib.num_samples(x)
         kind = "classes" if y is None else label_kind(y)[0]
         if self._lik is None:  # how outputs define p(y|x): probed once per pass
-            out = self.model(x[: min(n, 8)], training=False)
+            out = self.model(heldout_lib.slice_inputs(x, slice(0, min(n, 8))), training=False)
             probe = _np(likelihood_lib.output_of(out, self.output))
             self._lik = (likelihood_lib.likelihood_kind(probe, kind),
                          int(np.prod(probe.shape[1:])))
@@ -349,10 +360,11 @@ class StatisticsPass:
         for i in range(0, n, step):
             sl = slice(i, i + step)
             with_grad = self.gradients and i < n_fisher
-            fisher_seen += len(x[sl]) if with_grad else 0
+            xb = heldout_lib.slice_inputs(x, sl)
+            fisher_seen += heldout_lib.num_samples(xb) if with_grad else 0
             fn = self._compiled(lik, rows_per_sample, target is not None, with_grad)
             tb = None if target is None else ops.convert_to_tensor(target[sl])
-            parts = fn(ops.convert_to_tensor(x[sl]), ops.convert_to_tensor(u[sl]), tb)
+            parts = fn(_tensors(xb), ops.convert_to_tensor(u[sl]), tb)
             if totals is None:
                 totals = [{k: [v] if k in ("t_mean", "z_rows", "t_rows") else v
                            for k, v in p.items()} for p in parts]
@@ -403,11 +415,11 @@ def capture(model, x, wrappers, batch_size=256):
     outputs)` numpy arrays; reused layers contribute every call (concatenated)."""
     parts = {id(w): [] for w in wrappers}
     try:
-        for i in range(0, len(x), batch_size):
+        for i in range(0, heldout_lib.num_samples(x), batch_size):
             recs = {id(w): [] for w in wrappers}
             for w in wrappers:
                 w._capture = recs[id(w)]
-            model(x[i : i + batch_size], training=False)
+            model(heldout_lib.slice_inputs(x, slice(i, i + batch_size)), training=False)
             for w in wrappers:
                 parts[id(w)].extend(tuple(_np(p) for p in r) for r in recs[id(w)])
     finally:
@@ -438,13 +450,14 @@ def weight_gradients(model, x, y, wrappers, loss, batch_size=256):
         raise ValueError("Gradient-based scores need held-out labels. Received: y=None")
     variables = [v for w in wrappers for v in w.prunable_weights]
     total = [np.zeros(tuple(v.shape), np.float64) for v in variables]
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+    n = heldout_lib.num_samples(x)
+    for i in range(0, n, batch_size):
+        xb, yb = heldout_lib.slice_inputs(x, slice(i, i + batch_size)), y[i : i + batch_size]
         with tf.GradientTape() as tape:
             value = loss(yb, model(xb, training=False))
         for j, gj in enumerate(tape.gradient(value, variables)):
             if gj is not None:
-                total[j] += np.asarray(gj) * (len(xb) / len(x))
+                total[j] += np.asarray(gj) * (len(yb) / n)
     out, k = [], 0
     for w in wrappers:
         out.append(total[k : k + len(w.prunable_weights)])

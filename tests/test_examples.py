@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,13 @@ def check_mnist_cnn(out):
 
 
 def check_text_classification(out):
-    assert "GENERATED sentiment task" in out  # labelled as synthetic
+    # The real SMS Spam Collection when ../shared holds it, else the labelled synthetic task.
+    assert "SMS Spam Collection (real data), 403 duplicate texts dropped" in out or (
+        "GENERATED sentiment task" in out)
+    assert "stratified, seed 0" in out and "macro averages" in out
+    for key in ("accuracy", "precision", "recall", "f1"):
+        assert all(0.0 <= v <= 1.0 for v in table_row(out, key))
+    assert "TFLite input: int32 token ids" in out
     rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if "%" in ln}
     pruned = ("attention", "ff_in", "ff_out")
     # The IB allocation splits the 80 % budget unevenly across the pruned layers.
@@ -165,3 +172,9 @@ def test_text_example_reads_a_tsv_corpus(tmp_path):
         tc.read_corpus(path)
     texts, labels = tc.generated_corpus(200)
     assert len(texts) == 200 and set(labels.tolist()) == {0, 1}
+    texts, labels, dropped = tc.deduplicate(["a", "b", "a", "c", "b"], [0, 1, 0, 1, 1])
+    assert texts == ["a", "b", "c"] and labels.tolist() == [0, 1, 1] and dropped == 2
+    labels = np.array([0] * 80 + [1] * 20)
+    train, val, test = tc.stratified_split(labels)
+    assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(100))
+    assert [int(labels[i].sum()) for i in (train, val, test)] == [14, 3, 3]

@@ -308,3 +308,80 @@ def test_report_says_what_it_verified_against(pruned, data, tmp_path):
                           representative_data=x[:40], min_agreement=0.9, **FAST)
     assert calib.verified_on.startswith("representative_data (40 samples")
     assert export_tflite(pruned, tmp_path / "c.tflite", verify=False, **FAST).verified_on is None
+
+
+# ------------------------------------------------- several inputs and outputs
+def _two_input_model(outputs="dict"):
+    """Int token ids through an Embedding + a numeric Dense branch; a class and a value head."""
+    ids = keras.Input((8,), dtype="int32", name="token_ids")
+    num = keras.Input((4,), name="numeric")
+    e = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(
+        30, 8, embeddings_initializer="normal", name="emb")(ids))
+    h = keras.layers.Dense(8, activation="relu", name="num_fc")(num)
+    z = keras.layers.Dense(16, activation="relu")(keras.layers.Concatenate()([e, h]))
+    cls = keras.layers.Dense(3, activation="softmax", name="cls")(z)
+    reg = keras.layers.Dense(1, name="reg")(z)
+    outs = {"cls": cls, "reg": reg} if outputs == "dict" else cls
+    model = keras.Model({"token_ids": ids, "numeric": num}, outs)
+    kernel = model.get_layer("num_fc").kernel
+    kernel.assign(_magnitude_prune(kernel.numpy(), 0.5))
+    return model
+
+
+def _two_inputs(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"token_ids": rng.integers(0, 30, (n, 8)).astype("int32"),
+            "numeric": rng.normal(size=(n, 4)).astype("float32")}
+
+
+def test_two_inputs_two_outputs_float_export_verifies_every_output(tmp_path):
+    model, x = _two_input_model(), _two_inputs()
+    report = export_tflite(model, tmp_path / "m.tflite", verify_data=x, **FAST)
+    inputs = {t["name"]: t for t in report.inputs}
+    assert inputs["token_ids"]["dtype"] == "int32" and inputs["numeric"]["dtype"] == "float32"
+    assert inputs["token_ids"]["shape"][1:] == [8]
+    outputs = {t["name"]: t for t in report.outputs}
+    assert set(outputs) == {"cls", "reg"}
+    assert all(t["max_abs_diff"] < 1e-4 for t in outputs.values())
+    assert outputs["cls"]["top1_agreement"] == 1.0 and outputs["reg"]["top1_agreement"] is None
+    assert report.verify_samples == 64 and report.top1_agreement == 1.0
+    assert "input token_ids" in str(report) and "output reg" in str(report)
+    runner = _tflite_inspect.Runner(str(tmp_path / "m.tflite"))
+    got, want = runner.predict(x), model.predict(x, verbose=0)  # int32 ids fed as ints
+    np.testing.assert_allclose(got["reg"], want["reg"], atol=1e-5)
+    y = want["cls"].argmax(1)
+    assert evaluate(str(tmp_path / "m.tflite"), x, y, output="cls")["accuracy"] == 1.0
+    assert evaluate(model, x, y, output="cls")["accuracy"] == 1.0
+    with pytest.raises(ValueError, match=r"2 outputs.*pass `output=`"):
+        evaluate(model, x, y)
+
+
+def test_two_inputs_int8_export_keeps_int32_ids(tmp_path):
+    model, x = _two_input_model(outputs="single"), _two_inputs(128)
+    # sparse=False: int8 with unstructured-sparse Dense kernels fails verification today
+    # (single-input models too); not what this test is about.
+    report = export_tflite(model, tmp_path / "q.tflite", quantize="int8", io_dtype="int8",
+                           sparse=False, representative_data=x, verify_data=x, min_agreement=0.9,
+                           **FAST)  # untrained: near ties
+    inputs = {t["name"]: t for t in report.inputs}
+    assert inputs["token_ids"]["dtype"] == "int32" and inputs["token_ids"]["quantization"][0] == 0
+    assert inputs["numeric"]["dtype"] == "int8" and report.outputs[0]["dtype"] == "int8"
+    assert report.top1_agreement >= 0.9 and report.verify_samples == 128
+    # a list in the model's input order is not accepted for a model built on a dict
+    with pytest.raises(ValueError, match="takes a dict of inputs"):
+        export_tflite(model, tmp_path / "r.tflite", verify_data=[x["token_ids"], x["numeric"]],
+                      **FAST)
+
+
+def test_two_inputs_bad_verify_data_is_named(tmp_path):
+    model, x = _two_input_model(), _two_inputs()
+    with pytest.raises(ValueError, match=r"verify_data must be keyed by the model's input "
+                                         r"names.*unknown \['ids'\]"):
+        export_tflite(model, tmp_path / "m.tflite", verify_data={
+            "ids": x["token_ids"], "numeric": x["numeric"]}, **FAST)
+    with pytest.raises(ValueError, match=r"verify_data needs the same number.*'numeric': 10"):
+        export_tflite(model, tmp_path / "m.tflite", verify_data={
+            "token_ids": x["token_ids"], "numeric": x["numeric"][:10]}, **FAST)
+    assert not os.path.exists(tmp_path / "m.tflite")
+    report = export_tflite(model, tmp_path / "m.tflite", **FAST)  # random ids 0/1
+    assert "integer ids" in report.verified_on

@@ -94,3 +94,87 @@ def test_check_labels():
         S.check_labels(np.array([0, 0, 1, 1, 2]))
     S.check_labels(np.array([0.1, 0.5, 0.3]))  # regression targets: nothing to check
     S.check_labels(np.eye(3)[[0, 1, 2, 0, 1, 2]])
+
+
+# ------------------------------------------------------------- several inputs
+def _two_input_model(dict_inputs=True):
+    ids = keras.Input((6,), dtype="int32", name="token_ids")
+    num = keras.Input((3,), name="numeric")
+    e = L.GlobalAveragePooling1D()(L.Embedding(20, 4, name="emb")(ids))
+    z = L.Concatenate()([e, L.Dense(4, name="num_fc")(num)])
+    out = L.Dense(2, activation="softmax", name="cls")(z)
+    inputs = {"token_ids": ids, "numeric": num} if dict_inputs else [ids, num]
+    return keras.Model(inputs, out)
+
+
+def _two_inputs(n=30, seed=0):
+    rng = np.random.default_rng(seed)
+    return ({"token_ids": rng.integers(0, 20, (n, 6)).astype("int32"),
+             "numeric": rng.normal(size=(n, 3)).astype("float32")}, np.arange(n) % 2)
+
+
+@pytest.mark.parametrize("dict_inputs", [True, False])
+def test_several_inputs_from_dicts_lists_datasets_and_generators(dict_inputs):
+    model = _two_input_model(dict_inputs)
+    x, y = _two_inputs(30)
+    xa, ya = S.held_out_arrays((x, y), size=20, model=model)
+    assert set(xa) == {"token_ids", "numeric"} and len(ya) == 20
+    assert xa["token_ids"].shape == (20, 6) and xa["token_ids"].dtype == np.int32
+    np.testing.assert_array_equal(xa["numeric"], x["numeric"][:20])  # capped together
+    if not dict_inputs:  # a list in the model's input order
+        xl, _ = S.held_out_arrays(([x["token_ids"], x["numeric"]], y), size=20, model=model)
+        np.testing.assert_array_equal(xl["token_ids"], xa["token_ids"])
+    else:  # a list is ambiguous for a model built on a dict
+        with pytest.raises(ValueError, match="takes a dict of inputs"):
+            S.held_out_arrays(([x["token_ids"], x["numeric"]], y), model=model)
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    for data in (ds, ds.batch(7)):  # unbatched and batched elements
+        xd, yd = S.held_out_arrays(data, size=17, model=model)
+        assert xd["numeric"].shape == (17, 3) and len(yd) == 17
+        np.testing.assert_array_equal(xd["token_ids"], x["token_ids"][:17])
+
+    def gen():
+        for i in range(0, 30, 10):
+            yield {k: v[i : i + 10] for k, v in x.items()}, y[i : i + 10]
+
+    xg, _ = S.held_out_arrays(gen(), size=25, model=model)
+    assert xg["token_ids"].shape == (25, 6)
+    # float-coded ids are fine when whole; they become the input's integer dtype
+    xf, _ = S.held_out_arrays(({**x, "token_ids": x["token_ids"].astype("float32")}, y),
+                              model=model)
+    assert xf["token_ids"].dtype == np.int32
+
+
+def test_several_inputs_errors_are_clear():
+    model = _two_input_model()
+    x, y = _two_inputs(30)
+    with pytest.raises(ValueError, match=r"keyed by the model's input names.*missing "
+                                         r"\['numeric'\], unknown \['num'\]"):
+        S.held_out_arrays(({"token_ids": x["token_ids"], "num": x["numeric"]}, y), model=model)
+    with pytest.raises(ValueError, match=r"same number of samples.*'numeric': 29"):
+        S.held_out_arrays(({**x, "numeric": x["numeric"][:29]}, y), model=model)
+    with pytest.raises(ValueError, match=r"has 2 inputs: pass held-out x as a dict"):
+        S.held_out_arrays((x["numeric"], y), model=model)
+    with pytest.raises(ValueError, match=r"one array per model input \(2"):
+        S.held_out_arrays(([x["numeric"]] * 3, y), model=_two_input_model(False))
+    with pytest.raises(ValueError, match=r"held-out x\['numeric'\] does not fit.*\(30, 4\)"):
+        S.held_out_arrays(({**x, "numeric": np.zeros((30, 4), "float32")}, y), model=model)
+    with pytest.raises(ValueError, match=r"integer input 'token_ids'.*expected integer ids"):
+        S.held_out_arrays(({**x, "token_ids": x["token_ids"] + 0.5}, y), model=model)
+    with pytest.raises(ValueError, match=r"x\['numeric'\] contains NaN.*sample 4"):
+        bad = x["numeric"].copy()
+        bad[4, 1] = np.nan
+        S.held_out_arrays(({**x, "numeric": bad}, y), model=model)
+    with pytest.raises(ValueError, match=r"len\(x\)=30, len\(y\)=29"):
+        S.held_out_arrays((x, y[:29]), model=model)
+
+
+def test_output_names_of_list_outputs_select_targets():
+    inp = keras.Input((3,), name="x")
+    model = keras.Model(inp, [L.Dense(2, name="a")(inp), L.Dense(1, name="b")(inp)])
+    x = np.zeros((10, 3), "float32")
+    _, picked = S.held_out_arrays((x, [np.arange(10), -np.arange(10)]), model=model,
+                                  output="b")
+    np.testing.assert_array_equal(picked, -np.arange(10))
+    with pytest.raises(ValueError, match=r"names none of the model's outputs \['a', 'b'\]"):
+        S.held_out_arrays((x, [np.arange(10)] * 2), model=model, output="c")

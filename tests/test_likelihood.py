@@ -35,3 +35,26 @@ def test_log_likelihood_of_given_and_sampled_labels():
 def test_output_of_multi_output_models():
     assert output_of({"a": 1, "b": 2}, "b") == 2 and output_of({"a": 1, "b": 2}, None) == 1
     assert output_of([1, 2], 1) == 2 and output_of((1, 2), None) == 1 and output_of(3, None) == 3
+
+
+def test_resolve_output_names_indices_and_errors():
+    import keras
+
+    import keras_ibprune as kib
+    from keras_ibprune.likelihood import resolve_output
+
+    inp = keras.Input((3,))
+    a, b = keras.layers.Dense(2, name="a")(inp), keras.layers.Dense(1, name="b")(inp)
+    listed, keyed = keras.Model(inp, [a, b]), keras.Model(inp, {"p": a, "q": b})
+    assert resolve_output(listed, "b") == 1 and resolve_output(listed, 0) == 0
+    assert resolve_output(kib.prune(listed), "b") == 1  # the wrapped layer's name works
+    assert resolve_output(keyed, "q") == "q" and resolve_output(keyed, 1) == "q"
+    assert resolve_output(listed, None) is None
+    with pytest.raises(ValueError, match=r"names none of the model's outputs \['a', 'b'\]"):
+        resolve_output(listed, "c")
+    with pytest.raises(ValueError, match="index below 2"):
+        resolve_output(listed, 2)
+    with pytest.raises(ValueError, match=r"outputs \['p', 'q'\]"):
+        resolve_output(keyed, "a")
+    with pytest.raises(ValueError, match="pass `output=` as an index"):
+        output_of([1, 2], "b")

@@ -174,3 +174,73 @@ def test_jax_backend_gives_the_same_statistics(tmp_path):
     for k in a.files:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-7 * np.abs(a[k]).max())
     assert all(np.abs(a[k]).max() > 0 for k in a.files)
+
+
+# ------------------------------------------------- several inputs and outputs
+def _two_input_two_output(dict_outputs=True):
+    """Token ids (Embedding) + a numeric branch, concatenated; a class and a value head."""
+    ids = keras.Input((8,), dtype="int32", name="token_ids")
+    num = keras.Input((4,), name="numeric")
+    e = L.GlobalAveragePooling1D()(L.Embedding(30, 8, name="emb")(ids))
+    h = L.Dense(8, activation="relu", name="num_fc")(num)
+    z = L.Dense(16, activation="relu", name="mix")(L.Concatenate()([e, h]))
+    cls, reg = L.Dense(3, name="cls")(z), L.Dense(1, name="reg")(h)
+    outputs = {"cls": cls, "reg": reg} if dict_outputs else [cls, reg]
+    return keras.Model({"token_ids": ids, "numeric": num}, outputs)
+
+
+def _two_input_data(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 30, (n, 8)).astype("int32")
+    num = rng.normal(size=(n, 4)).astype("float32")
+    return {"token_ids": ids, "numeric": num}, {"cls": ids[:, 0] % 3, "reg": num[:, :1]}
+
+
+@pytest.mark.parametrize("dict_outputs", [True, False])
+def test_statistics_of_a_two_input_model_follow_the_chosen_output(dict_outputs):
+    model = kib.prune(_two_input_two_output(dict_outputs))
+    x, _ = _two_input_data(40)
+    wrappers = S.find_wrappers(model)
+    names = [w.layer.name for w in wrappers]
+    by_output = {}
+    for output in ("cls", "reg"):
+        stats = S.StatisticsPass(model, wrappers, ("x2", "gram", "fisher"), output=output,
+                                 batch_size=16)(x, None)
+        by_output[output] = dict(zip(names, stats))
+    num_fc = by_output["cls"]["num_fc"]
+    np.testing.assert_allclose(num_fc["x2"], np.mean(x["numeric"] ** 2, axis=0),
+                               rtol=1e-5)  # the numeric input reached its layer
+    np.testing.assert_allclose(num_fc["gram"], x["numeric"].T @ x["numeric"] / 40, rtol=1e-4)
+    for output, other in (("cls", "reg"), ("reg", "cls")):
+        stats = by_output[output]
+        assert np.all(stats[other]["fisher"] == 0)  # a head that does not feed `output`
+        assert np.all(stats[output]["fisher"] > 0)
+        assert all(np.all(np.isfinite(s["z2"])) for s in stats.values())
+    assert np.all(by_output["reg"]["emb"]["fisher"] == 0)  # ids only reach "cls"
+    assert np.any(by_output["cls"]["emb"]["fisher"] > 0)
+    with pytest.raises(ValueError, match=r"names none of the model's outputs"):
+        S.StatisticsPass(model, wrappers, ("fisher",), output="logits")
+
+
+@pytest.mark.parametrize("score", ["ib", "obs", "activation"])
+def test_pruning_a_two_input_two_output_model_from_dict_held_out_data(score):
+    model = kib.prune(_two_input_two_output())
+    model.compile("adam", {"cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                           "reg": "mse"})
+    x, y = _two_input_data(120)
+    before = {w.layer.name: [keras.ops.convert_to_numpy(m) for m in w.masks]
+              for w in S.find_wrappers(model)}
+    cb = kib.IBPruning(0.5, score=None if score == "ib" else score,
+                       held_out=({k: v[:60] for k, v in x.items()}, y["cls"][:60]),
+                       output="cls")
+    model.fit(x, y, epochs=1, batch_size=40, verbose=0, callbacks=[cb])
+    assert type(cb.score).__name__ == {"ib": "IBScore", "obs": "OBSScore",
+                                       "activation": "ActivationScore"}[score]
+    assert cb.pruner.current_sparsity() == pytest.approx(0.5, abs=0.02)
+    changed = [name for name, w in ((w.layer.name, w) for w in S.find_wrappers(model))
+               if any(np.any(keras.ops.convert_to_numpy(m) != b)
+                      for m, b in zip(w.masks, before[name]))]
+    assert len(changed) >= 2
+    assert all(np.all(np.isfinite(keras.ops.convert_to_numpy(v))) for v in model.weights)
+    pred = model.predict(x, verbose=0)
+    assert np.all(np.isfinite(pred["cls"])) and np.all(np.isfinite(pred["reg"]))
