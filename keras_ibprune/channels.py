@@ -54,8 +54,17 @@ class ChannelPolicy:
         frozen: names of wrappers whose units are never removed (`exclude`).
     """
 
-    def __init__(self, model, wrappers, target="units", allocation="uniform", min_width=1,
-                 round_to=None, regrow=False, frozen=()):
+    def __init__(
+        self,
+        model,
+        wrappers,
+        target="units",
+        allocation="uniform",
+        min_width=1,
+        round_to=None,
+        regrow=False,
+        frozen=(),
+    ):
         self.model = model
         self.target = check_target(target)
         if callable(allocation) or allocation not in ("uniform", "global", "ib"):
@@ -72,9 +81,11 @@ class ChannelPolicy:
             self.groups = [g for g in channel_groups(model) if g.size > 0]
         else:  # subclassed: no graph -> every wrapper alone, every unit prunable
             self.groups = [
-                ChannelGroup({w.name: np.arange(w.unit_mask.shape[0])},
-                                        int(w.unit_mask.shape[0]),
-                                        np.ones(int(w.unit_mask.shape[0]), bool))
+                ChannelGroup(
+                    {w.name: np.arange(w.unit_mask.shape[0])},
+                    int(w.unit_mask.shape[0]),
+                    np.ones(int(w.unit_mask.shape[0]), bool),
+                )
                 for w in wrappers
             ]
             if self.target != "units":
@@ -99,12 +110,15 @@ class ChannelPolicy:
                     f"`min_width` is larger than layer(s) {list(g.layers)} with {g.size} units. "
                     f"Received: min_width={min_width}"
                 )
+        # Exact counts of the model `shrink` would build (kept-back units count as kept).
+        self._counter = flops_lib.Counter(model, int(self.target == "params")) if graph_ok else None
         if self.target != "units":
             count = flops_lib.count_flops if self.target == "flops" else flops_lib.count_params
-            self._count = lambda keep: count(model, effective=True, keep=keep)
+            self._count = self._counter
             self.total = float(count(model))
-            self._unit_cost = (flops_lib.unit_flops if self.target == "flops"
-                               else flops_lib.unit_params)(model)
+            self._unit_cost = (
+                flops_lib.unit_flops if self.target == "flops" else flops_lib.unit_params
+            )(model)
 
     def removed(self):
         """Fraction of the target quantity (units, FLOPs or params) removed now."""
@@ -124,8 +138,9 @@ class ChannelPolicy:
     def group_scores(self, group, per_layer):
         normed = {}
         for name in group.members:
-            s = np.nan_to_num(np.asarray(per_layer[name], np.float64).reshape(-1),
-                              nan=0.0, posinf=0.0, neginf=0.0)
+            s = np.nan_to_num(
+                np.asarray(per_layer[name], np.float64).reshape(-1), nan=0.0, posinf=0.0, neginf=0.0
+            )
             scale = np.mean(np.abs(s)) + 1e-12
             normed[name] = s / scale
         return group.reduce(normed, fn=np.sum)
@@ -137,14 +152,17 @@ class ChannelPolicy:
             sparsity: fraction in [0, 1) of units / FLOPs / parameters to remove.
             per_layer: dict wrapper name -> unit scores (higher = keep).
         """
+        stuck = self._stuck()
         plans = []
         for g in self.groups:
             scores = self.group_scores(g, per_layer)
             alive = np.ones(g.size, bool) if self.regrow else self.current_keep(g)
+            # Units shrink would keep anyway are not picked (masked ones stay masked).
+            free = g.prunable & ~(stuck(g) & alive)
             scores = np.where(alive, scores, -np.inf)
-            scores = np.where(g.prunable, scores, np.inf)  # never removed
+            scores = np.where(free, scores, np.inf)  # never removed
             order = np.argsort(scores, kind="stable")  # lowest first
-            removable = int(np.sum(g.prunable))
+            removable = int(np.sum(free))
             floor = min(g.size, self.min_width)
             max_remove = max(0, min(removable, g.size - floor))
             plans.append((g, order, int(np.sum(~alive)), max_remove, scores))
@@ -156,8 +174,10 @@ class ChannelPolicy:
                         f"{list(g.layers)} ({g.size} units). Lower the sparsity or use "
                         f"target='flops'. Received: sparsity={sparsity!r}"
                     )
-            counts = [self._round(g, min(mr, max(dead, int(round(sparsity * g.size)))))
-                      for g, _, dead, mr, _ in plans]
+            counts = [
+                self._round(g, min(mr, max(dead, int(round(sparsity * g.size)))))
+                for g, _, dead, mr, _ in plans
+            ]
         elif self.allocation == "uniform":
             counts = self._solve(plans, sparsity, lambda f, p: self._uniform_count(p, f))
         else:
@@ -167,6 +187,23 @@ class ChannelPolicy:
             keep[order[:c]] = False
             for name, m in g.expand(keep).items():
                 self.by_name[name].unit_mask.assign(m.astype("float32"))
+
+    def _stuck(self):
+        """Group channel -> "kept by shrink whenever masked", from the current weights."""
+        if self._counter is None:
+            return lambda g: np.zeros(g.size, dtype=bool)
+        self._counter.refresh()
+        roots = np.array(sorted(self._counter.stuck()), dtype=np.int64)
+        graph = self._counter.graph
+
+        def of(g):
+            out = np.zeros(g.size, dtype=bool)
+            for name, idx in g.members.items():
+                hit = np.isin(graph.uf.roots(graph.units[name]), roots)
+                np.logical_or.at(out, idx, hit)
+            return out
+
+        return of
 
     def _round(self, g, remove):
         if not self.round_to:

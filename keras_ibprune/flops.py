@@ -17,7 +17,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_ibprune import _keras_compat
+from keras_ibprune import _keras_compat, removal
 from keras_ibprune import graph as G
 
 L = keras.layers
@@ -37,12 +37,15 @@ def _weights_size(layer):
     return int(sum(np.prod(w.shape) for w in layer.weights))
 
 
-def _cost(rec, ins, outs):
-    """(flops, params) of one node; `ins`/`outs` are shapes without the batch axis."""
+def _cost(rec, ins, outs, biased=False):
+    """(flops, params) of one node; `ins`/`outs` are shapes without the batch axis.
+
+    `biased`: the layer gains a bias in `shrink` (constants of removed inputs folded).
+    """
     layer, name = rec.layer, rec.key
     o = outs[0] if outs else ()
     i = ins[0] if ins else ()
-    bias = 1 if getattr(layer, "use_bias", False) else 0
+    bias = 1 if getattr(layer, "use_bias", False) or biased else 0
     if isinstance(layer, keras.Model):
         return count_flops(layer), count_params(layer)
     if isinstance(layer, L.Dense):
@@ -62,7 +65,9 @@ def _cost(rec, ins, outs):
         macs = _prod(i[:-1], name) * k * i[-1] * o[-1]
         return 2 * macs + bias * _prod(o, name), k * i[-1] * o[-1] + bias * o[-1]
     if isinstance(layer, G.CONV):
-        k, cin = _prod(layer.kernel_size, name), i[-1] // layer.groups
+        # A grouped conv keeps its per-group width when whole groups go.
+        cin = i[-1] if layer.groups == 1 else int(layer.kernel.shape[-2])
+        k = _prod(layer.kernel_size, name)
         macs = _prod(o, name) * k * cin
         return 2 * macs + bias * _prod(o, name), k * cin * o[-1] + bias * o[-1]
     if isinstance(layer, L.BatchNormalization):
@@ -109,7 +114,7 @@ def _analysis(model, keep):
     return graph, masks, roots
 
 
-def _table(graph, roots, removed):
+def _table(graph, roots, removed, biased=frozenset()):
     """Per layer key: (flops, params) given a set of removed class roots."""
     rem = list(removed)
 
@@ -123,15 +128,54 @@ def _table(graph, roots, removed):
     for rec in graph.recs:
         ins = [shape(t, s) for t, s in zip(rec.ins, rec.in_shapes)]
         outs = [shape(t, s) for t, s in zip(rec.outs, rec.out_shapes)]
-        f, p = _cost(rec, ins, outs)
+        f, p = _cost(rec, ins, outs, rec.key in biased)
         old = table.get(rec.key, (0, None))
         table[rec.key] = (old[0] + f, p if old[1] is None else old[1])  # shared: params once
     return table
 
 
-def _removed(graph, masks):
-    removed, _ = graph.removed_from_masks(masks)
-    return {r for r in removed if not graph.fixed(r)}
+def _removed(graph, masks, dead=None):
+    """`shrink`'s plan: (removed classes, layers that gain a folded bias).
+
+    Kept-back classes count as kept.
+    """
+    removed, _, dead = removal.plan(graph, masks, dead=dead)
+    return removed, removal.folded_bias(graph, removed, dead)
+
+
+class Counter:
+    """FLOPs/params of one model under many candidate `keep` dicts (for the policy).
+
+    The graph, and the values removed channels leave (which depend on the current
+    weights), are computed once; `refresh()` recomputes the latter after weights change.
+    """
+
+    def __init__(self, model, index):
+        self.graph, self.masks, self.roots = _analysis(model, None)
+        self.index = index
+        self.refresh()
+
+    def refresh(self):
+        self.dead = removal.dead_values(self.graph)
+        self.masks = _current(self.graph)
+
+    def stuck(self):
+        """Roots that would be kept back whenever masked (see `removal.stuck`)."""
+        return removal.stuck(self.graph, self.dead)
+
+    def __call__(self, keep=None):
+        masks = _current(self.graph) if keep is None else {**self.masks, **keep}
+        table = _table(self.graph, self.roots, *_removed(self.graph, masks, self.dead))
+        return sum(v[self.index] for v in table.values())
+
+
+def _current(graph):
+    func = graph.model
+    return {
+        la.name: keras.ops.convert_to_numpy(la.unit_mask) > 0.5
+        for la in func.layers
+        if G.is_channel_wrapper(la)
+    }
 
 
 def count_flops(model, per_layer=False, effective=False, keep=None):
@@ -160,8 +204,8 @@ def count_flops(model, per_layer=False, effective=False, keep=None):
     ```
     """
     graph, masks, roots = _analysis(model, keep)
-    removed = _removed(graph, masks) if effective else set()
-    table = {k: v[0] for k, v in _table(graph, roots, removed).items()}
+    removed = _removed(graph, masks) if effective else (set(),)
+    table = {k: v[0] for k, v in _table(graph, roots, *removed).items()}
     return table if per_layer else int(sum(table.values()))
 
 
@@ -191,8 +235,8 @@ def count_params(model, per_layer=False, effective=False, keep=None):
         table = _leaf_params(model)  # subclassed model: no graph, plain weight sizes
     else:
         graph, masks, roots = _analysis(model, keep)
-        removed = _removed(graph, masks) if effective else set()
-        table = {k: v[1] for k, v in _table(graph, roots, removed).items()}
+        removed = _removed(graph, masks) if effective else (set(),)
+        table = {k: v[1] for k, v in _table(graph, roots, *removed).items()}
     return table if per_layer else int(sum(table.values()))
 
 
@@ -202,12 +246,7 @@ def _is_graph(model):
 
 def _leaf_params(model):
     layers = _keras_compat.all_layers(model)
-    under = {
-        id(sub)
-        for la in layers
-        if G.is_wrapper(la)
-        for sub in _keras_compat.all_layers(la)
-    }
+    under = {id(sub) for la in layers if G.is_wrapper(la) for sub in _keras_compat.all_layers(la)}
     table = {}
     for la in layers:
         if G.is_wrapper(la):

@@ -1,150 +1,47 @@
 """Channel dependency analysis of Functional graphs: which output channels go together.
 
-Public: `channel_groups(model)` and `ChannelGroup` (used by `channels`, `shrink` and
-`flops`, and by users who plan their own structured pruning).
-
-Every position of the last axis of every tensor gets a *class*: an integer of a
-union-find. A producer (Dense, Conv*, ConvTranspose*, SeparableConv*; DepthwiseConv* when
-it carries a unit mask) creates one class per output unit; layers that pass channels
-through (BatchNormalization, activations, pooling, ...) forward their input's classes;
-Add/Multiply/... unite the classes of their inputs position by position; Concatenate
-joins them; Flatten/Reshape map them with an index table. Classes that cannot be removed
-(model inputs and outputs, unsupported consumers, shared weighted layers) are *fixed*,
-with the reason stored at the union-find root.
+`Graph` walks a Functional model once. Every position of the last axis of every tensor
+gets a *class*: an integer of a union-find. A producer (Dense, Conv*, ConvTranspose*,
+SeparableConv*) creates one class per output unit; a depthwise or grouped conv unites
+each group's input channels and gives its outputs that class (with a unit mask it is a
+member owning them); layers and `keras.ops` calls that pass channels through
+(BatchNormalization, activations, pooling, ``x * 0.5``, per-channel layers, ...) forward
+their input's classes; Add/Multiply/``x + y``/... unite the classes of their inputs
+position by position; Concatenate joins them; Flatten/Reshape map them with an index
+table. Classes that cannot be removed (model inputs and outputs, channel-axis
+normalizations, unsupported consumers, shared weighted layers) are *fixed*, with the
+reason stored at the union-find root. The per-kind rules' vocabulary is in
+`layer_kinds`; the public view (`channel_groups`, `ChannelGroup`) in `groups`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import keras
 import numpy as np
-from keras import ops
 
 from keras_ibprune import _keras_compat
-
-L = keras.layers
-CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
-CONV_T = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
-SEP = (L.SeparableConv1D, L.SeparableConv2D)
-DW = (L.DepthwiseConv1D, L.DepthwiseConv2D)
-PRODUCERS = (L.Dense, *CONV, *CONV_T, *SEP)
-POOLING = tuple(
-    getattr(L, f"{kind}Pooling{d}D") for kind in ("Max", "Average") for d in (1, 2, 3)
+from keras_ibprune import layer_kinds as K
+from keras_ibprune.layer_kinds import (  # noqa: F401 - re-exported for shrink/flops/users
+    ACTIVATIONS,
+    CONV,
+    CONV_T,
+    DW,
+    GLOBAL_POOLING,
+    IDENTITY,
+    MERGES,
+    PADDING,
+    POOLING,
+    PRODUCERS,
+    RESHAPES,
+    SEP,
+    L,
+    act_is_zero_at_zero,
+    functional_of,
+    is_channel_wrapper,
+    is_wrapper,
+    no_padding,
+    num_units,
 )
-GLOBAL_POOLING = tuple(
-    getattr(L, f"Global{kind}Pooling{d}D") for kind in ("Average", "Max") for d in (1, 2, 3)
-)
-IDENTITY = (
-    L.Dropout,
-    L.SpatialDropout1D,
-    L.SpatialDropout2D,
-    L.SpatialDropout3D,
-    L.GaussianNoise,
-    L.GaussianDropout,
-    L.AlphaDropout,
-    L.ActivityRegularization,
-    L.Identity,
-    L.Cropping1D,
-    L.Cropping2D,
-    L.Cropping3D,
-    L.UpSampling1D,
-    L.UpSampling2D,
-    L.UpSampling3D,
-    *POOLING,
-    *GLOBAL_POOLING,
-    L.RepeatVector,
-)
-PADDING = (L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D)
-ACTIVATIONS = (L.ReLU, L.LeakyReLU, L.ELU, L.Activation)
-MERGES = {
-    L.Add: np.add,
-    L.Subtract: np.subtract,
-    L.Multiply: np.multiply,
-    L.Average: None,
-    L.Maximum: np.maximum,
-    L.Minimum: np.minimum,
-}
-RESHAPES = (L.Flatten, L.Reshape)
-_ELEMENTWISE = {
-    "linear",
-    "relu",
-    "relu6",
-    "leaky_relu",
-    "elu",
-    "selu",
-    "gelu",
-    "silu",
-    "swish",
-    "sigmoid",
-    "hard_sigmoid",
-    "hard_silu",
-    "hard_swish",
-    "tanh",
-    "softplus",
-    "softsign",
-    "exponential",
-    "mish",
-    "celu",
-    "log_sigmoid",
-    "hard_tanh",
-    "tanh_shrink",
-    "squareplus",
-    "sparse_plus",
-    "soft_shrink",
-    "hard_shrink",
-}
-
-
-def is_wrapper(layer):
-    """True for a keras_ibprune `PruneWrapper` (checked by class name, no import)."""
-    return type(layer).__name__ == "PruneWrapper" and hasattr(layer, "layer")
-
-
-def is_channel_wrapper(layer):
-    return (
-        is_wrapper(layer)
-        and getattr(layer, "granularity", None) == "channel"
-        and getattr(layer, "unit_mask", None) is not None
-    )
-
-
-def functional_of(model):
-    """The Functional graph behind `model` (Sequential models included)."""
-    if isinstance(model, keras.Sequential):
-        func = getattr(model, "_functional", None)
-        if func is None:
-            raise ValueError(
-                "The Sequential model has no known input shape; start it with "
-                f"`keras.Input(...)` or build it first. Received: model={model.name!r}"
-            )
-        return func
-    if not isinstance(model, keras.Model) or not _keras_compat.has_graph(model):
-        raise ValueError(
-            "Expected a Functional or Sequential keras.Model (subclassed models have no "
-            f"graph to analyse). Received: model={model!r}"
-        )
-    return model
-
-
-def act_is_zero_at_zero(layer):
-    act = getattr(layer, "activation", None)
-    if act is None:
-        return True
-    return float(ops.convert_to_numpy(act(ops.zeros((1,))))[0]) == 0.0
-
-
-def no_padding(layer):
-    """True when a convolution never reads padded positions."""
-    return layer.padding == "valid" or all(int(k) == 1 for k in layer.kernel_size)
-
-
-def num_units(layer):
-    if isinstance(layer, L.Dense):
-        return int(layer.units)
-    if isinstance(layer, DW):
-        return int(layer.kernel.shape[-2] * layer.kernel.shape[-1])
-    return int(layer.filters)
 
 
 class UnionFind:
@@ -278,25 +175,34 @@ class Graph:
         layer, cls = rec.layer, type(rec.layer)
         if len(rec.outs) != 1 or (ins and all(s is None for s in ins)):
             return self._block(rec, ins)
+        if K.is_elementwise_op(rec.op):
+            return self._op(rec, ins)
         if getattr(layer, "data_format", "channels_last") != "channels_last":
             return self._block(rec, ins, f"layer '{rec.key}' is not channels_last")
-        if cls in PRODUCERS or (cls in DW and rec.key in extra):
+        if cls in DW or K.is_grouped(layer):
+            return self._grouped(rec, ins, member=rec.key in extra)
+        if cls in PRODUCERS:
             return self._producer(rec, ins)
         if rec.shared:
             return self._block(rec, ins, f"layer '{rec.key}' is shared (called several times)")
         x = ins[0]
-        if cls in DW:
-            rec.kind = "depthwise"
-            return [np.repeat(x, layer.depth_multiplier)]
         if cls is L.BatchNormalization:
             axis = layer.axis if isinstance(layer.axis, int) else -1
             if axis not in (-1, len(rec.in_shapes[0]) - 1):
                 return self._block(rec, ins, f"layer '{rec.key}' normalizes a non-channel axis")
             rec.kind = "bn"
             return [x]
+        if isinstance(layer, K.CHANNEL_NORMS):
+            return self._block(
+                rec,
+                ins,
+                f"it is normalized by layer '{rec.key}' ({cls.__name__}), whose statistics run "
+                "over the channel axis: removing a channel (even an all-zero one) would change "
+                "every other channel's output",
+            )
         if cls is L.Activation:
             name = getattr(layer.activation, "__name__", "")
-            if name not in _ELEMENTWISE:
+            if name not in K.ELEMENTWISE:
                 return self._block(rec, ins)
         if cls in ACTIVATIONS or cls in IDENTITY or cls in PADDING or cls is L.PReLU:
             rec.kind = "pass"
@@ -316,29 +222,67 @@ class Graph:
                 )
             rec.kind = "reshape"
             return [x[rec.index]]
+        if (
+            isinstance(layer, keras.layers.Layer)
+            and not isinstance(layer, keras.Model)
+            and len(ins) == 1
+            and x is not None
+            and rec.out_shapes[0][1:] == rec.in_shapes[0][1:]
+            and K.is_channelwise(layer, len(rec.in_shapes[0]), len(x))
+        ):
+            rec.kind = "channelwise"
+            return [x]
         return self._block(rec, ins)
 
     def _producer(self, rec, ins):
         layer = rec.layer
-        ok = (
-            getattr(layer, "groups", 1) == 1
-            and not getattr(layer, "lora_enabled", False)
-            and not getattr(layer, "quantization_mode", None)
+        ok = not getattr(layer, "lora_enabled", False) and not getattr(
+            layer, "quantization_mode", None
         )
         if rec.key not in self.units:
             self.layers[rec.key] = layer
-            if isinstance(layer, DW):
-                self.units[rec.key] = np.repeat(ins[0], layer.depth_multiplier)
-            else:
-                self.units[rec.key] = self.uf.new(num_units(layer))
+            self.units[rec.key] = self.uf.new(num_units(layer))
             if not ok:
-                self.uf.fix(self.units[rec.key], f"layer '{rec.key}' uses groups/LoRA/quantization")
+                self.uf.fix(self.units[rec.key], f"layer '{rec.key}' uses LoRA/quantization")
         if not ok or rec.shared:
-            self._block(rec, ins, f"layer '{rec.key}' is shared or uses groups/LoRA/quantization")
-        elif not isinstance(layer, DW):
+            self._block(rec, ins, f"layer '{rec.key}' is shared or uses LoRA/quantization")
+        else:
             self.sites.append(rec)
         rec.kind = "producer"
         return [self.units[rec.key]]
+
+    def _grouped(self, rec, ins, member):
+        """Depthwise and grouped convs: group g's inputs and outputs form one class.
+
+        A group's output channels read only its input channels, so the group is kept or
+        removed whole (a depthwise conv's group is one input channel and its
+        `depth_multiplier` outputs). With a unit mask the layer is a member owning those
+        classes; without one it passes them through.
+        """
+        layer, x = rec.layer, ins[0]
+        if (
+            x is None
+            or rec.shared
+            or getattr(layer, "lora_enabled", False)
+            or getattr(layer, "quantization_mode", None)
+        ):
+            why = f"layer '{rec.key}' is shared or uses LoRA/quantization"
+            out = self._block(rec, ins, why)
+            if member and rec.key not in self.units:
+                self.layers[rec.key], self.units[rec.key] = layer, out[0]
+            return out
+        per_in, per_out = K.group_sizes(layer)
+        heads = x.reshape(-1, per_in)
+        for row in heads[:, 1:].T:
+            for a, b in zip(heads[:, 0], row):
+                self.uf.union(a, b)
+        out = np.repeat(heads[:, 0], per_out)
+        if member:
+            self.layers[rec.key], self.units[rec.key] = layer, out
+            rec.kind = "producer"
+        else:
+            rec.kind = "grouped"
+        return [out]
 
     def _merge(self, rec, ins):
         if any(s is None for s in ins):
@@ -348,13 +292,37 @@ class Graph:
         if type(layer) is L.Concatenate and layer.axis % rank == rank - 1:
             rec.kind = "concat"
             return [np.concatenate(ins)]
-        if len({len(s) for s in ins}) != 1:
+        return self._unite(rec, ins)
+
+    def _unite(self, rec, ins):
+        widths = {len(s) for s in ins}
+        if len({len(s) for s in rec.in_shapes}) != 1 or len(widths) != 1:
             return self._block(rec, ins, f"layer '{rec.key}' broadcasts along the channel axis")
         for s in ins[1:]:
             for a, b in zip(ins[0], s):
                 self.uf.union(a, b)
         rec.kind = "merge"
         return [ins[0]]
+
+    def _op(self, rec, ins):
+        """`keras.ops` elementwise calls: constants keep channels, tensors are coupled."""
+        if any(s is None for s in ins) or rec.out_shapes[0][-1:] != rec.in_shapes[0][-1:]:
+            return self._block(rec, ins)
+        width = len(ins[0])
+        for c in K.node_constants(rec.node):
+            if K.const_width(c) is None:  # a dtype name, an option: not a tensor operand
+                continue
+            if K.const_width(c) not in (1, width) or len(np.shape(c)) > len(rec.in_shapes[0]):
+                return self._block(
+                    rec, ins, f"operation '{rec.key}' has a constant that is not per channel"
+                )
+        if len(ins) == 1:
+            rec.kind = "op"
+            return [ins[0]]
+        out = self._unite(rec, ins)
+        if rec.kind == "merge":
+            rec.kind = "op"
+        return out
 
     # --------------------------------------------------------------- queries
     def roots(self, tensor_id):
@@ -389,113 +357,5 @@ class Graph:
         return masked - kept, kept
 
 
-# ------------------------------------------------------------- public: channel groups
-@dataclasses.dataclass
-class ChannelGroup:
-    """Output channels of several layers that must be kept or removed together.
-
-    Attributes:
-        members: layer name -> int array with one entry per output unit of the layer: the
-            group channel that unit belongs to.
-        size: number of group channels.
-        prunable: bool array `(size,)`: False for channels `shrink` may never remove.
-        reason: why some channels are not prunable (None if all are).
-    """
-
-    members: dict
-    size: int
-    prunable: np.ndarray
-    reason: str | None = None
-
-    @property
-    def layers(self):
-        """Member layer names, in graph order."""
-        return tuple(self.members)
-
-    def expand(self, group_keep):
-        """Maps a bool keep array over group channels to a `keep` dict over members."""
-        group_keep = np.asarray(group_keep, dtype=bool)
-        return {name: group_keep[idx] for name, idx in self.members.items()}
-
-    def reduce(self, per_unit, fn=np.sum):
-        """Aggregates per-unit scores (`{layer: array}`) into one score per group channel."""
-        out = np.zeros(self.size)
-        parts = [[] for _ in range(self.size)]
-        for name, idx in self.members.items():
-            if name in per_unit:
-                for g, v in zip(idx, np.asarray(per_unit[name], dtype=np.float64)):
-                    parts[g].append(v)
-        for g, p in enumerate(parts):
-            out[g] = fn(p) if p else 0.0
-        return out
-
-
-def channel_groups(model):
-    """Finds the groups of layers whose output channels must be pruned together.
-
-    Producers are Dense, Conv1D/2D/3D, Conv*Transpose and SeparableConv* layers (and
-    DepthwiseConv* layers wrapped with a channel mask). BatchNormalization, activations,
-    Dropout, pooling, padding, cropping, up-sampling and DepthwiseConv pass channels
-    through; Add/Subtract/Multiply/Average/Maximum/Minimum couple their inputs channel by
-    channel; Concatenate maps channels with offsets; Flatten and Reshape map channels to
-    positions when the mapping is position-independent. Channels reaching a model output
-    or consumed by any other layer are reported as not prunable, with the reason.
-
-    Args:
-        model: a Functional or Sequential `keras.Model`, with or without `PruneWrapper`s
-            (a wrapper is reported under its own name).
-
-    Returns:
-        A list of `ChannelGroup`, in graph order; uncoupled layers form singleton groups.
-
-    Raises:
-        ValueError: if the model is not a Functional/Sequential graph.
-
-    Example:
-
-    ```python
-    for g in kib.channel_groups(model):
-        print(g.layers, g.size, g.prunable.sum())
-    ```
-    """
-    func = functional_of(model)
-    members = [la.name for la in func.layers if is_channel_wrapper(la)]
-    graph = Graph(func, members=members)
-    return _groups(graph)
-
-
-def _groups(graph):
-    """Layers whose unit classes meet (through one union-find) form one group."""
-    uf = graph.uf
-    order = list(graph.units)
-    roots = {k: uf.roots(c) for k, c in graph.units.items()}
-    layers = UnionFind()
-    slot = {k: int(layers.new(1)[0]) for k in order}
-    owner = {}
-    for k in order:
-        for r in np.unique(roots[k]):
-            r = int(r)
-            if r in owner:
-                layers.union(slot[k], slot[owner[r]])
-            else:
-                owner[r] = k
-    members = {}
-    for k in order:
-        members.setdefault(layers.find(slot[k]), []).append(k)
-    out = []
-    for keys in members.values():
-        index = {}
-        for k in keys:
-            for r in roots[k]:
-                index.setdefault(int(r), len(index))
-        fixed = [graph.fixed(r) for r in index]
-        reasons = [uf.reason[r] for r in index if graph.fixed(r)]
-        out.append(
-            ChannelGroup(
-                members={k: np.array([index[int(r)] for r in roots[k]]) for k in keys},
-                size=len(index),
-                prunable=~np.array(fixed, dtype=bool),
-                reason=reasons[0] if reasons else None,
-            )
-        )
-    return out
+# Public names of the analysis live in `groups` (imported last: it builds on `Graph`).
+from keras_ibprune.groups import ChannelGroup, channel_groups  # noqa: E402, F401

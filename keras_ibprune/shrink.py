@@ -16,14 +16,13 @@ outputs zero), never approximated.
 
 from __future__ import annotations
 
-import warnings
-
 import keras
 import numpy as np
 from keras import ops
 
-from keras_ibprune import _keras_compat
+from keras_ibprune import _keras_compat, removal
 from keras_ibprune import graph as G
+from keras_ibprune import layer_kinds as K
 
 L = keras.layers
 
@@ -147,60 +146,28 @@ def shrink(model, keep=None, round_to=None, min_width=None):
                 f"Received: shape={mask.shape}"
             )
     check_widths(keep, min_width)
-    plan = _plan(graph, keep, round_to)
+    _check_fixed(graph, keep)
+    plan = removal.plan(graph, keep, round_to)
+    _check_zero_at_zero(graph, keep, plan[0])
     return _rebuild(graph, keep, plan)
 
 
-def _plan(graph, keep, round_to):
-    """Decides which classes are removed; returns (removed roots, neutral roots, dead)."""
+def _check_fixed(graph, keep):
     uf = graph.uf
-    removed, kept = graph.removed_from_masks(keep)
-    for r in removed:
+    removed, _ = graph.removed_from_masks(keep)
+    for r in sorted(removed):
         if graph.fixed(r):
             name = next(k for k, c in graph.units.items() if r in set(uf.roots(c).tolist()))
             raise ValueError(
                 f"Cannot remove units of layer '{name}': {uf.reason[r]}. Keep those units "
                 "(see `kib.channel_groups`) or restructure the model."
             )
-    member_roots = {int(r) for c in graph.units.values() for r in uf.roots(c)}
-    dead = _dead_values(graph)
-    changed = True
-    while changed:
-        changed = False
-        neutral = member_roots - kept - removed
-        for rec in graph.sites:
-            roots = graph.roots(rec.ins[0])
-            if roots is None:
-                continue
-            rem = np.array([int(r) in removed for r in roots], dtype=bool)
-            d = dead[rec.ins[0]]
-            need = rem & np.isnan(d)
-            nz = rem & ~np.isnan(d) & (d != 0)
-            layer = rec.layer
-            padded = not isinstance(layer, G.L.Dense) and (
-                isinstance(layer, G.CONV_T) or not G.no_padding(layer)
-            )
-            if padded and isinstance(layer, G.SEP):
-                need |= nz
-            elif padded and nz.any() and _carrier(roots, d, neutral) is None:
-                need[np.flatnonzero(nz & ~need)[:1]] = True
-            for r in set(roots[need].tolist()):
-                removed.discard(r)
-                changed = True
-        if round_to:
-            for classes in graph.units.values():
-                roots = [int(r) for r in uf.roots(classes)]
-                for r in roots:
-                    width = sum(x not in removed for x in roots)
-                    if width % round_to == 0 or width == len(roots):
-                        break
-                    if r in removed:  # keep back removed units in index order
-                        removed.discard(r)
-                        changed = True
-    neutral = member_roots - kept - removed
+
+
+def _check_zero_at_zero(graph, keep, removed):
     for key, classes in graph.units.items():
         if key in keep and not G.act_is_zero_at_zero(graph.layers[key]):
-            roots = uf.roots(classes)
+            roots = graph.uf.roots(classes)
             if any(int(r) not in removed for r in roots[~keep[key]]):
                 raise ValueError(
                     f"A masked unit of layer '{key}' must be kept (coupling, round_to or "
@@ -208,19 +175,16 @@ def _plan(graph, keep, round_to):
                     "made to output zero. Received: activation="
                     f"{getattr(graph.layers[key].activation, '__name__', '?')}"
                 )
-    return removed, neutral, dead
-
-
-def _carrier(roots, d, neutral):
-    ok = [i for i, r in enumerate(roots) if int(r) in neutral and np.isfinite(d[i]) and d[i] != 0]
-    return ok[0] if ok else None
 
 
 def _values(op):
     """Numpy weights of the effective layer, weight masks baked in."""
     inner = op.layer if G.is_wrapper(op) else op
-    values = (op.baked_weights(units=False) if G.is_wrapper(op)
-              else [ops.convert_to_numpy(v) for v in inner.weights])
+    values = (
+        op.baked_weights(units=False)
+        if G.is_wrapper(op)
+        else [ops.convert_to_numpy(v) for v in inner.weights]
+    )
     return values, [v.name for v in inner.weights]
 
 
@@ -238,19 +202,31 @@ def _rebuild(graph, keep, plan):
 
     for rec in graph.recs:
         args, kwargs = rec.node.arguments.fill_in(tmap)
-        if not isinstance(rec.layer, keras.layers.Layer):
-            outs = rec.op(*args, **kwargs)
-        elif id(rec.op) in cache:
-            outs = cache[id(rec.op)](*args, **kwargs)
-        else:
-            cfg, vals = _transform(rec, graph, keep, rem_of, plan)
-            new = type(rec.layer).from_config(cfg)
-            outs = new(*args, **kwargs)
-            if new.weights:
-                if isinstance(vals, dict):
-                    vals = [vals[w.name] for w in new.weights]
-                new.set_weights(vals)
-            cache[id(rec.op)] = new
+        try:
+            if not isinstance(rec.layer, keras.layers.Layer):
+                if rec.kind == "op":
+                    args, kwargs = _slice_constants(rec, (args, kwargs), rem_of(rec.ins[0]))
+                outs = rec.op(*args, **kwargs)
+            elif id(rec.op) in cache:
+                outs = cache[id(rec.op)](*args, **kwargs)
+            else:
+                cfg, vals = _transform(rec, graph, keep, rem_of, plan)
+                if rec.kind == "channelwise":
+                    new, outs = _channelwise(rec, cfg, vals, args, kwargs)
+                else:
+                    new = type(rec.layer).from_config(cfg)
+                    outs = new(*args, **kwargs)
+                    if new.weights:
+                        if isinstance(vals, dict):
+                            vals = [vals[w.name] for w in new.weights]
+                        new.set_weights(vals)
+                cache[id(rec.op)] = new
+        except (ValueError, IndexError, TypeError) as e:
+            raise ValueError(
+                f"shrink cannot rebuild layer '{rec.key}' ({type(rec.layer).__name__}) with "
+                f"its channels removed: {e}. Keep the channels it reads (see "
+                "`kib.channel_groups`) or report the layer type."
+            ) from e
         for i, y in zip(rec.outs, keras.tree.flatten(outs)):
             tmap[i] = y
     inputs = keras.tree.map_structure(lambda x: tmap[id(x)], func._inputs_struct)
@@ -265,12 +241,17 @@ def _transform(rec, graph, keep, rem_of, plan):
     cfg, (values, names) = layer.get_config(), _values(rec.op)
     vals = dict(zip(names, values))
     rem = rem_of(rec.ins[0]) if rec.ins else None
+    if rec.kind == "grouped":
+        out_keep, neut = ~rem_of(rec.outs[0]), None
     if rec.kind == "producer":
         roots = graph.uf.roots(graph.units[rec.key])
         out_keep = np.array([int(r) not in removed for r in roots], dtype=bool)
         neut = ~keep[rec.key] & out_keep if rec.key in keep else np.zeros_like(out_keep)
-        if isinstance(layer, G.DW):
-            return cfg, _depthwise(vals, rem, neut)
+    if isinstance(layer, G.DW) and rec.kind in ("producer", "grouped"):
+        return cfg, _depthwise(vals, rem, neut)
+    if K.is_grouped(layer) and rec.kind in ("producer", "grouped"):
+        return _grouped(layer, cfg, vals, out_keep, neut)
+    if rec.kind == "producer":
         d = dead[rec.ins[0]]
         if rem is None:
             rem = np.zeros(rec.in_shapes[0][-1], dtype=bool)
@@ -300,10 +281,10 @@ def _transform(rec, graph, keep, rem_of, plan):
             cfg["use_bias"] = True
         cfg["units" if isinstance(layer, G.L.Dense) else "filters"] = int(out_keep.sum())
         return cfg, vals
-    if rem is None or not rem.any() or rec.kind not in ("depthwise", "bn", "pass", "reshape"):
+    if rem is None or not rem.any() or rec.kind not in ("bn", "pass", "reshape", "channelwise"):
         return cfg, values
-    if rec.kind == "depthwise":
-        return cfg, _depthwise(vals, rem, None)
+    if rec.kind == "channelwise":
+        return cfg, [v[..., ~rem] if v.shape[-1:] == rem.shape else v for v in values]
     if rec.kind == "bn":
         return cfg, {n: v[~rem] for n, v in vals.items()}
     if "alpha" in vals and vals["alpha"].shape[-1] == rem.size:
@@ -312,6 +293,58 @@ def _transform(rec, graph, keep, rem_of, plan):
         width = int((~rem_of(rec.outs[0])).sum())
         cfg["target_shape"] = tuple(rec.out_shapes[0][1:-1]) + (width,)
     return cfg, vals
+
+
+def _grouped(layer, cfg, vals, out_keep, neut):
+    """A grouped conv loses whole groups (the graph couples each group's channels)."""
+    k, b = vals["kernel"][..., out_keep].copy(), vals.get("bias")
+    out = {"kernel": k}
+    if b is not None:
+        out["bias"] = b[out_keep].copy()
+    if neut is not None and neut[out_keep].any():
+        k[..., neut[out_keep]] = 0.0
+        if b is not None:
+            out["bias"][neut[out_keep]] = 0.0
+    per_out = K.group_sizes(layer)[1]
+    cfg["filters"] = int(out_keep.sum())
+    cfg["groups"] = int(out_keep.sum()) // per_out
+    return cfg, out
+
+
+def _slice_constants(rec, structure, rem):
+    """Slices the per-channel constants of a `keras.ops` node (``x * gamma``)."""
+    if rem is None or not rem.any():
+        return structure
+    width = rem.size
+
+    def cut(a):
+        if isinstance(a, keras.KerasTensor) or K.const_width(a) != width or width == 1:
+            return a
+        if isinstance(a, np.ndarray):
+            return a[..., ~rem]
+        return ops.convert_to_tensor(ops.convert_to_numpy(a)[..., ~rem], dtype=a.dtype)
+
+    return keras.tree.map_structure(cut, structure)
+
+
+def _channelwise(rec, cfg, values, args, kwargs):
+    """Rebuilds a per-channel custom layer, resizing its config if its weights need it."""
+    old, new_width = rec.in_shapes[0][-1], args[0].shape[-1]
+    candidates = [cfg]
+    sized = {k: new_width for k, v in cfg.items() if type(v) is int and v == old}
+    if sized and new_width != old:
+        candidates.append({**cfg, **sized})
+    for c in candidates:
+        new = type(rec.layer).from_config(c)
+        new.build(tuple(args[0].shape))
+        if [tuple(w.shape) for w in new.weights] == [v.shape for v in values]:
+            new.set_weights(values)
+            return new, new(*args, **kwargs)
+    raise ValueError(
+        f"layer '{rec.key}' ({type(rec.layer).__name__}) does not rebuild with "
+        f"{new_width} channels from its config (weights of shape "
+        f"{[v.shape for v in values]} expected)"
+    )
 
 
 def _depthwise(vals, rem, neut):
@@ -347,7 +380,7 @@ def _fold(layer, vals, rem, d, roots, neutral):
         k = vals["kernel"]
         delta = c @ k.sum(axis=tuple(range(k.ndim - 2)))[live]
     else:  # padded Conv or ConvTranspose: fold into a carrier channel with constant value
-        car = _carrier(roots, d, neutral)
+        car = removal.carrier(roots, d, neutral)
         k = vals["kernel"].copy()
         if isinstance(layer, G.CONV_T):
             k[..., car] += np.tensordot(k[..., live], c / d[car], axes=([-1], [0]))
@@ -356,86 +389,3 @@ def _fold(layer, vals, rem, d, roots, neutral):
         vals["kernel"] = k
         return
     vals["bias"] = (vals["bias"] if "bias" in vals else np.zeros(n_out, "float32")) + delta
-
-
-# ----------------------------------------------- values a removed channel leaves behind
-def _dead_values(graph):
-    """Per tensor: the value each position holds in the masked model if its class is removed.
-
-    Constant per channel, or NaN where it is not spatially constant (or unknown).
-    """
-    dead = {}
-    for x in graph.model.inputs:
-        if graph.src.get(id(x)) is not None:
-            dead[id(x)] = np.full(len(graph.src[id(x)]), np.nan)
-    for rec in graph.recs:
-        ins = [dead.get(i) for i in rec.ins]
-        out = _dead_rule(rec, ins)
-        for i in rec.outs:
-            if graph.src.get(i) is not None:
-                dead[i] = out if out is not None else np.full(len(graph.src[i]), np.nan)
-    return dead
-
-
-def _np(v):
-    return np.asarray(ops.convert_to_numpy(v), dtype=np.float64)
-
-
-def _dead_rule(rec, ins):
-    layer, cls, kind = rec.layer, type(rec.layer), rec.kind
-    if kind == "producer":
-        return np.zeros(rec.out_shapes[0][-1])
-    if kind == "other" or any(v is None for v in ins):
-        return None
-    c = ins[0]
-    if kind == "depthwise":
-        k = _np(layer.kernel)
-        s = k.sum(axis=tuple(range(k.ndim - 2)))
-        pre = c[:, None] * s
-        if layer.use_bias:
-            pre = pre + _np(layer.bias).reshape(s.shape)
-        if not G.no_padding(layer):
-            pre[c != 0] = np.nan
-        return _apply(layer.activation, pre.reshape(-1))
-    if kind == "bn":
-        eps = layer.epsilon
-        v = (c - _np(layer.moving_mean)) / np.sqrt(_np(layer.moving_variance) + eps)
-        if layer.scale:
-            v = v * _np(layer.gamma)
-        if layer.center:
-            v = v + _np(layer.beta)
-        return v
-    if kind == "pass":
-        if cls in G.PADDING:
-            return np.where(c == 0, 0.0, np.nan)
-        if cls is L.PReLU:
-            return np.where(c >= 0, c, np.nan)
-        if cls is L.Activation:
-            return _apply(layer.activation, c)
-        if cls in G.ACTIVATIONS:
-            return _apply(layer, c)
-        return c
-    if kind == "reshape":
-        return c[rec.index]
-    if kind == "concat":
-        return np.concatenate(ins)
-    if kind == "merge":
-        if cls is L.Concatenate:
-            return np.where(np.all([v == c for v in ins], axis=0), c, np.nan)
-        if cls is L.Average:
-            return np.mean(ins, axis=0)
-        out = c
-        for v in ins[1:]:
-            out = G.MERGES[cls](out, v)
-        return out
-    return None
-
-
-def _apply(fn, values):
-    nan = np.isnan(values)
-    x = np.where(nan, 0.0, values).astype("float32")[None]
-    with warnings.catch_warnings():  # e.g. softmax over a 1-channel probe: expected here
-        warnings.simplefilter("ignore", UserWarning)
-        out = _np(fn(ops.convert_to_tensor(x)))[0]
-    out[nan] = np.nan
-    return out

@@ -73,8 +73,7 @@ def test_coupled_channels_are_removed_together_and_shrink_is_exact():
     assert masks["b"].sum() == 4 and masks["out"].sum() == 4
     x = np.random.default_rng(0).standard_normal((4, 8, 8, 3)).astype("float32")
     small = kib.shrink(pruned)
-    np.testing.assert_allclose(small.predict(x, verbose=0), pruned.predict(x, verbose=0),
-                               atol=1e-4)
+    np.testing.assert_allclose(small.predict(x, verbose=0), pruned.predict(x, verbose=0), atol=1e-4)
 
 
 def test_round_to_and_min_width():
@@ -115,8 +114,12 @@ def test_bad_target():
 
 
 def _stats(wrapper, outputs=None):
-    return LayerStats(wrapper=wrapper, weights=[v.numpy() for v in wrapper.prunable_weights],
-                      masks=[], outputs=outputs)
+    return LayerStats(
+        wrapper=wrapper,
+        weights=[v.numpy() for v in wrapper.prunable_weights],
+        masks=[],
+        outputs=outputs,
+    )
 
 
 def test_unit_scores_l1_bn_gamma_apoz():
@@ -143,15 +146,15 @@ def test_callback_flops_target_then_shrink():
     y = np.random.default_rng(1).integers(0, 10, 96)
     pruned = kib.prune(lenet(), granularity="channel")
     pruned.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.75, 0, 2), held_out=(x, y), target="flops",
-                       exclude=["fc1"])
+    cb = kib.IBPruning(
+        kib.PolynomialDecay(0.0, 0.75, 0, 2), held_out=(x, y), target="flops", exclude=["fc1"]
+    )
     history = pruned.fit(x, y, epochs=3, batch_size=32, verbose=0, callbacks=[cb])
     assert history.history["flops_removed"][-1] >= 0.75
     assert _kept(pruned)["fc1"] == 32  # excluded
     small = kib.shrink(pruned)
     assert kib.count_flops(lenet()) / kib.count_flops(small) >= 4.0
-    np.testing.assert_allclose(small.predict(x, verbose=0), pruned.predict(x, verbose=0),
-                               atol=1e-4)
+    np.testing.assert_allclose(small.predict(x, verbose=0), pruned.predict(x, verbose=0), atol=1e-4)
 
 
 def test_flops_target_needs_channel_wrappers():
@@ -159,3 +162,30 @@ def test_flops_target_needs_channel_wrappers():
     pruner = kib.Pruner(pruned, kib.OneShot(0.5), score="magnitude", target="flops")
     with pytest.raises(ValueError, match="granularity='channel'"):
         pruner.reset()
+
+
+def constant_into_padded_separable():
+    """Issue repro: conv -> BN(beta=0.5) -> ReLU -> padded SeparableConv2D."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    x = L.Conv2D(8, 3, padding="same", name="conv")(inp)
+    x = L.ReLU()(L.BatchNormalization(beta_initializer=keras.initializers.Constant(0.5))(x))
+    x = L.SeparableConv2D(16, 3, padding="same", activation="relu", name="sep")(x)
+    x = L.Conv2D(16, 1, activation="relu", name="pw")(x)
+    return keras.Model(inp, L.Dense(3, name="out")(L.GlobalAveragePooling2D()(x)))
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_flops_logged_are_the_shrunk_models(allocation):
+    """Units whose removed value is a constant a padded SeparableConv reads are kept by
+    shrink; the policy counts them as kept and removes units that really go."""
+    pruned = kib.prune(constant_into_padded_separable(), granularity="channel")
+    ws = find_wrappers(pruned)
+    policy = ChannelPolicy(pruned, ws, target="flops", allocation=allocation)
+    policy.update(0.4, _scores(ws))
+    small = kib.shrink(pruned)
+    dense = kib.count_flops(pruned)
+    assert kib.count_flops(small) == kib.count_flops(pruned, effective=True)
+    assert policy.removed() == pytest.approx(1 - kib.count_flops(small) / dense)
+    assert policy.removed() >= 0.4
+    assert _kept(pruned)["conv"] == 8  # none of conv's units would really go

@@ -115,3 +115,33 @@ def test_subclassed_models():
     assert count_params(net) == net.count_params() == 3 * 4 + 4 + 4 * 2 + 2
     with pytest.raises(ValueError, match="subclassed"):
         count_flops(net)
+
+
+def test_effective_counts_keep_what_shrink_keeps():
+    """Issue repro: a removed unit's constant (BN beta -> ReLU) read by a padded
+    SeparableConv2D keeps the unit: the estimate is the dense count, like the model."""
+    inp = keras.Input((16, 16, 3))
+    x = L.Conv2D(8, 3, padding="same", name="c")(inp)
+    x = L.ReLU()(L.BatchNormalization(beta_initializer=keras.initializers.Constant(0.5))(x))
+    x = L.SeparableConv2D(8, 3, padding="same", name="s")(x)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    keep = {"c": np.arange(8) % 2 == 0}
+    small = shrink(model, keep=keep)
+    assert count_flops(model, effective=True, keep=keep) == count_flops(small)
+    assert count_flops(small) == count_flops(model)
+    assert count_params(model, effective=True, keep=keep) == small.count_params()
+
+
+def test_grouped_conv_counts_and_folded_bias():
+    inp = keras.Input((8, 8, 4))
+    x = L.Conv2D(8, 1, name="a")(inp)
+    x = L.ReLU()(L.BatchNormalization(beta_initializer=keras.initializers.Constant(0.5))(x))
+    g = L.Conv2D(8, 1, groups=4, use_bias=False, name="g")(x)
+    model = keras.Model(inp, L.Conv2D(2, 1, use_bias=False, name="o")(g))  # o gains a bias
+    table = count_flops(model, per_layer=True)
+    assert table["g"] == 2 * 8 * 8 * 8 * 2
+    keep = {"a": np.array([1, 1, 0, 0, 1, 1, 1, 0], bool)}
+    small = shrink(model, keep=keep)
+    assert small.get_layer("g").groups == 3
+    assert count_flops(model, effective=True, keep=keep) == count_flops(small)
+    assert count_params(model, effective=True, keep=keep) == small.count_params()

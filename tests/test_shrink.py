@@ -7,8 +7,9 @@ from _cases import LAYER_CASES, make_input
 from keras import layers as L
 from keras import ops
 
-from keras_ibprune.flops import count_params
+from keras_ibprune.flops import count_flops, count_params
 from keras_ibprune.graph import channel_groups
+from keras_ibprune.prune import prune as kib_prune
 from keras_ibprune.registry import supports_channels
 from keras_ibprune.shrink import check_widths, shrink
 
@@ -285,8 +286,9 @@ def test_spatial_concat_reshape_and_nested_models():
     assert np.abs(same.predict(x, verbose=0) - top.predict(x, verbose=0)).max() <= 1e-5
 
 
-@pytest.mark.parametrize("name,factory,shape,integer", CHANNEL_CASES,
-                         ids=[c[0] for c in CHANNEL_CASES])
+@pytest.mark.parametrize(
+    "name,factory,shape,integer", CHANNEL_CASES, ids=[c[0] for c in CHANNEL_CASES]
+)
 def test_layer_table_shrink_is_exact_and_counts_match(name, factory, shape, integer):
     import keras_ibprune as kib
 
@@ -305,7 +307,127 @@ def test_layer_table_shrink_is_exact_and_counts_match(name, factory, shape, inte
             shrink(pruned)
         return
     small = shrink(pruned)
-    np.testing.assert_allclose(small.predict(x, verbose=0), pruned.predict(x, verbose=0),
-                               atol=1e-5)
+    np.testing.assert_allclose(small.predict(x, verbose=0), pruned.predict(x, verbose=0), atol=1e-5)
     assert kib.count_flops(small) == kib.count_flops(pruned, effective=True)
     assert kib.count_params(small) < kib.count_params(model)
+
+
+# ------------------------------------------------- grouped convs, ops, per-channel layers
+def grouped_model(groups=16, width=16, beta=None):
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((8, 8, 4))
+    x = L.Conv2D(width, 1, name="a")(inp)
+    if beta is not None:
+        x = L.ReLU()(L.BatchNormalization(name="bn")(x))
+    x = L.Conv2D(width, 3, groups=groups, padding="same", name="g")(x)
+    x = L.Conv2D(6, 1, name="pw")(x)
+    model = keras.Model(inp, L.Dense(3, name="d")(L.GlobalAveragePooling2D()(x)))
+    if beta is not None:
+        randomize_bn(model, beta=beta)
+    return model
+
+
+def test_grouped_conv_shrinks_without_crash_and_exactly():
+    """Issue repro: Conv2D(16,1) -> Conv2D(16,3,groups=16) -> ...: IndexError before."""
+    model = grouped_model()
+    pruned = kib_prune(model, granularity="channel")
+    x = x_like(model)
+    np.testing.assert_allclose(
+        shrink(pruned).predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5
+    )
+    keep = {"a": drop(16, [1, 5, 9]), "g": drop(16, [1, 5, 7])}  # 7: kept by a, zeroed
+    small = shrink(model, keep=keep)
+    g = small.get_layer("g")
+    assert (g.filters, g.groups, g.kernel.shape[-2]) == (14, 14, 1)
+    np.testing.assert_allclose(
+        small.predict(x, verbose=0), masked_predict(model, keep, x), atol=1e-5
+    )
+
+
+def test_general_groups_go_whole_and_constants_fold_through_them():
+    keep = {"a": drop(8, [2, 3, 4])}  # group 1 whole, half of group 2 (kept, zeroed)
+    # beta=-3: removed channels leave 0 after ReLU; g's bias then folds into pw.
+    # beta=+0.8: they leave constants that g's zero padding turns non-constant: kept.
+    for beta, widths in ((-3.0, (6, 3, 6)), (0.8, (8, 4, 8))):
+        model = grouped_model(groups=4, width=8, beta=beta)  # 2 in / 2 out per group
+        x = x_like(model)
+        small = shrink(model, keep=keep)
+        g = small.get_layer("g")
+        assert (g.filters, g.groups, small.get_layer("a").filters) == widths
+        np.testing.assert_allclose(
+            small.predict(x, verbose=0), masked_predict(model, keep, x), atol=1e-5
+        )
+        assert count_flops(small) == count_flops(model, effective=True, keep=keep)
+
+
+def test_ops_and_per_channel_layers_shrink_exactly():
+    from test_graph import LayerScale
+
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((6, 6, 3))
+    a = L.BatchNormalization(name="bn")(L.Conv2D(8, 1, name="a")(inp))
+    a = LayerScale(8, name="ls")(a)
+    hard_sigmoid = L.ReLU(6.0)(a + 3.0) * (1.0 / 6.0)
+    y = L.Multiply()([a, hard_sigmoid]) * np.linspace(0.5, 1.5, 8).astype("float32")
+    out = L.Conv2D(2, 3, padding="same", name="out")(y)
+    model = keras.Model(inp, out)
+    randomize_bn(model, beta=0.5)
+    model.get_layer("ls").set_weights([np.linspace(2.0, 0.5, 8).astype("float32")])
+    keep = {"a": drop(8, [1, 4, 6])}
+    small = shrink(model, keep=keep)
+    # One removed channel is kept back as the carrier of the others' constants (padding).
+    assert small.get_layer("ls").dim == 6 and small.get_layer("out").kernel.shape[-2] == 6
+    assert count_flops(small) == count_flops(model, effective=True, keep=keep)
+    x = x_like(model)
+    np.testing.assert_allclose(
+        small.predict(x, verbose=0), masked_predict(model, keep, x), atol=1e-5
+    )
+
+
+def test_layer_normalization_channels_cannot_be_removed():
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(4, 1, name="a")(inp)
+    model = keras.Model(inp, L.Conv2D(2, 1)(L.LayerNormalization(name="ln")(a)))
+    with pytest.raises(ValueError, match="Cannot remove units of layer 'a'.*'ln'"):
+        shrink(model, keep={"a": drop(4, [0])})
+
+
+def _randomize_norms(model, seed=0):
+    rng = np.random.default_rng(seed)
+    randomize_bn(model, seed=seed, beta=0.3)
+    for la in model.layers:
+        if isinstance(la, L.LayerNormalization):
+            c = la.gamma.shape[0]
+            la.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0.3, 0.5, c)])
+        elif type(la).__name__ == "LayerScale":
+            la.set_weights([rng.uniform(0.5, 1.5, la.weights[0].shape)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, size",
+    [("MobileNetV3Small", 64), ("NASNetMobile", 32), ("ConvNeXtTiny", 32)],
+)
+def test_applications_shrink_exactly_with_the_flops_the_policy_logged(name, size):
+    from keras_ibprune.channels import ChannelPolicy
+    from keras_ibprune.stats import find_wrappers
+
+    keras.utils.set_random_seed(0)
+    extra = {"include_preprocessing": False} if name.startswith("MobileNetV3") else {}
+    model = getattr(keras.applications, name)(
+        weights=None, input_shape=(size, size, 3), classes=10, **extra
+    )
+    _randomize_norms(model)  # non-zero constants behind removed channels
+    pruned = kib_prune(model, granularity="channel")
+    ws = find_wrappers(pruned)
+    rng = np.random.default_rng(0)
+    policy = ChannelPolicy(pruned, ws, target="flops", allocation="global")
+    policy.update(0.3, {w.name: rng.random(w.unit_mask.shape[0]) for w in ws})
+    small = shrink(pruned)
+    dense = count_flops(model)
+    assert count_flops(small) == count_flops(pruned, effective=True)
+    assert policy.removed() == pytest.approx(1 - count_flops(small) / dense)
+    assert policy.removed() >= 0.3
+    x = x_like(model, n=2)
+    want = pruned.predict(x, verbose=0)
+    np.testing.assert_allclose(small.predict(x, verbose=0), want, atol=1e-4 * np.abs(want).max())
