@@ -146,6 +146,33 @@ class SubclassedNet(keras.Model):
         return self.logits(self.fc1(self.flat(self.conv(x))))
 
 
+@keras.saving.register_keras_serializable(package="keras_ibprune_tests")
+class ConvDenseBlock(L.Layer):
+    """A custom layer (not a Model) holding prunable layers, one of them two levels down."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = L.Conv2D(8, 3, activation="relu", name="conv")
+        self.head = [L.Dense(16, activation="relu", name="fc1"), L.LayerNormalization()]
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+        h, w, c = self.conv.compute_output_shape(input_shape)[1:]
+        self.head[0].build((None, h * w * c))
+        self.head[1].build((None, 16))
+
+    def call(self, x):
+        h = self.conv(x)
+        h = keras.ops.reshape(h, (keras.ops.shape(h)[0], -1))
+        return self.head[1](self.head[0](h))
+
+
+def _custom_layer():
+    inp = keras.Input((8, 8, 1))
+    h = ConvDenseBlock(name="block")(inp)
+    return keras.Model(inp, L.Dense(10, name="logits")(h), name="custom_layer")
+
+
 def _subclassed():
     model = SubclassedNet(name="sub")
     model(np.zeros((1, 8, 8, 1), "float32"))
@@ -157,6 +184,7 @@ MODEL_KINDS = {
     "functional": small_cnn,
     "nested": _nested,
     "reused": _reused,
+    "custom_layer": _custom_layer,
     "subclassed": _subclassed,
 }
 
