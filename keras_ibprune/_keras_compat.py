@@ -21,6 +21,7 @@ import contextlib
 try:  # Keras >= 3.0 keeps the helper here.
     from keras.src.backend.common.stateless_scope import get_stateless_scope
 except ImportError:  # pragma: no cover
+
     def get_stateless_scope():
         return None
 

@@ -13,8 +13,10 @@ with the masks baked in.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import keras
+import numpy as np
 
 from keras_ibprune import _keras_compat, registry
 from keras_ibprune.wrapper import PruneWrapper, _single_shape_build
@@ -57,6 +59,56 @@ def _resolve(root, path):
             return parent, child, names
         parent = child
     raise ValueError(f"An index path needs at least one index. Received: path={list(path)}")
+
+
+def left_dense(model, plan, skip, covered):
+    """`[(qualified name, layer, weights)]`: weight matrices no wrapper will mask.
+
+    `plan` / `skip`: ids of the layers to wrap / left out on purpose; `covered`: ids of the
+    variables the wrappers will mask. A layer with nothing to wrap inside is reported as a
+    whole; one with wrapped layers inside is entered.
+    """
+    out = []
+
+    def matrices(layer):
+        return [v for v in layer.trainable_weights if len(v.shape) >= 2 and id(v) not in covered]
+
+    def walk(node, prefix):
+        for layer in _keras_compat.sublayers(node):
+            if id(layer) in skip or id(layer) in plan:
+                continue
+            name, mats = f"{prefix}{layer.name}", matrices(layer)
+            if not mats:
+                continue
+            inner = _keras_compat.all_layers(layer)
+            if isinstance(layer, keras.Model) or any(id(la) in plan for la in inner):
+                kids = {id(v) for c in _keras_compat.sublayers(layer) for v in c.trainable_weights}
+                own = [v for v in mats if id(v) not in kids]
+                if own:
+                    out.append((name, layer, own))
+                walk(layer, name + "/")
+            else:
+                out.append((name, layer, mats))
+
+    walk(model, "")
+    return out
+
+
+def warn_left_dense(model, left):
+    """Warns once, naming every layer in `left` (from `left_dense`)."""
+    if not left:
+        return
+    items = ", ".join(
+        f"'{name}' ({type(la).__name__}, {sum(int(np.prod(v.shape)) for v in ws):,} weights)"
+        for name, la, ws in left
+    )
+    warnings.warn(
+        f"kib.prune leaves weight matrices of model '{model.name}' dense because their "
+        f"layers cannot be pruned: {items}. Supported types: {registry._SUPPORTED}. Make a "
+        "custom layer prunable with `get_prunable_weights()` or `kib.register_prunable`, or "
+        "pass `exclude=[...]` to leave it dense on purpose (that silences this warning).",
+        stacklevel=3,
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_ibprune")

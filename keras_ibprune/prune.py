@@ -2,21 +2,25 @@
 
 Sequential and Functional models (nested ones included) are cloned: the result is a new
 model holding copies of the original weights, so a pretrained model stays pretrained
-and the original is left untouched. A layer used twice becomes one wrapper used twice
-(shared masks). Subclassed models are pruned by wrapping layers inside them
-(`self.fc = kib.PruneWrapper(keras.layers.Dense(10))`); `strip_pruning` then unwraps
-them in place.
+and the original is left untouched. Prunable layers inside custom layers are wrapped in
+place in the copy of their custom layer (`keras_ibprune.nested`). A layer used twice
+becomes one wrapper used twice (shared masks). Subclassed models are pruned by wrapping
+layers inside them (`self.fc = kib.PruneWrapper(keras.layers.Dense(10))`);
+`strip_pruning` then unwraps them in place.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import keras
 import numpy as np
 
 from keras_ibprune import _keras_compat, registry
-from keras_ibprune.nested import NestedPruneWrapper, nested_targets
+from keras_ibprune.nested import (
+    NestedPruneWrapper,
+    left_dense,
+    nested_targets,
+    warn_left_dense,
+)
 from keras_ibprune.stats import find_wrappers
 from keras_ibprune.wrapper import PruneWrapper
 
@@ -110,50 +114,6 @@ def _selectable(layer, granularity):
     if granularity == "channel":
         return registry.supports_channels(layer)
     return registry.is_prunable(layer)
-
-
-def _left_dense(model, plan, skip, covered):
-    """`[(qualified name, layer, weights)]`: weight matrices no wrapper will mask."""
-    out = []
-
-    def matrices(layer):
-        return [v for v in layer.trainable_weights if len(v.shape) >= 2 and id(v) not in covered]
-
-    def walk(node, prefix):
-        for layer in _keras_compat.sublayers(node):
-            if id(layer) in skip or id(layer) in plan:
-                continue
-            name, mats = f"{prefix}{layer.name}", matrices(layer)
-            if not mats:
-                continue
-            inner = _keras_compat.all_layers(layer)
-            if isinstance(layer, keras.Model) or any(id(la) in plan for la in inner):
-                kids = {id(v) for c in _keras_compat.sublayers(layer) for v in c.trainable_weights}
-                own = [v for v in mats if id(v) not in kids]
-                if own:
-                    out.append((name, layer, own))
-                walk(layer, name + "/")
-            else:
-                out.append((name, layer, mats))
-
-    walk(model, "")
-    return out
-
-
-def _warn_left_dense(model, left):
-    if not left:
-        return
-    items = ", ".join(
-        f"'{name}' ({type(la).__name__}, {sum(int(np.prod(v.shape)) for v in ws):,} weights)"
-        for name, la, ws in left
-    )
-    warnings.warn(
-        f"kib.prune leaves weight matrices of model '{model.name}' dense because their "
-        f"layers cannot be pruned: {items}. Supported types: {registry._SUPPORTED}. Make a "
-        "custom layer prunable with `get_prunable_weights()` or `kib.register_prunable`, or "
-        "pass `exclude=[...]` to leave it dense on purpose (that silences this warning).",
-        stacklevel=3,
-    )
 
 
 def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=None):
@@ -284,7 +244,7 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
             if id(la) in plan and la.built
             for v in registry.get_prunable_weights(la)
         }
-        _warn_left_dense(to_prune, _left_dense(to_prune, plan, skip, covered))
+        warn_left_dense(to_prune, left_dense(to_prune, plan, skip, covered))
 
     def clone_fn(layer):
         copy = _copy_layer(layer)
@@ -324,8 +284,10 @@ def _prune_layers(to_prune, layers, exclude, granularity, block_size):
                 "keras layers only (prune models one by one: `[kib.prune(m) for m in "
                 f"models]`). Received: to_prune={to_prune!r}"
             )
-    wrap = [PruneWrapper(la, granularity=granularity, block_size=block_size) for la in
-            (items if items is not None else [to_prune])]
+    wrap = [
+        PruneWrapper(la, granularity=granularity, block_size=block_size)
+        for la in (items if items is not None else [to_prune])
+    ]
     return wrap if items is not None else wrap[0]
 
 
@@ -335,6 +297,8 @@ def strip_pruning(model):
     Sequential/Functional models are cloned (the pruned model is untouched). For a
     subclassed model the wrappers inside it are replaced by their inner layers, in place,
     and the same model is returned. A single `PruneWrapper` gives back its inner layer.
+    Layers wrapped inside custom layers are unwrapped too (a `NestedPruneWrapper` gives
+    back its plain custom layer).
 
     Example:
 

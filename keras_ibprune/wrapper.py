@@ -58,8 +58,9 @@ class PruneWrapper(keras.layers.Wrapper):
 
     Args:
         layer: the layer to prune (Dense, Conv*, DepthwiseConv*, SeparableConv*,
-            EinsumDense, Embedding, MultiHeadAttention, SimpleRNN/LSTM/GRU, or a custom layer
-            defining `get_prunable_weights()`).
+            EinsumDense, Embedding, MultiHeadAttention, SimpleRNN/LSTM/GRU, RNN over their
+            cells, or a custom layer defining `get_prunable_weights()`). Every call form of
+            the layer works on the wrapper (keywords, several inputs, `training`, masks).
         granularity: `"weight"` (unstructured masks, one per prunable weight) or
             `"channel"` (one mask over output units/filters, for `shrink`).
         block_size: optional `(rows, cols)` block for weight masks: weights are kept or

@@ -52,8 +52,12 @@ LAYER_CASES = [
     ("rnn_lstm_cell", lambda: L.RNN(L.LSTMCell(4), return_sequences=True), (5, 3), False),
     ("rnn_gru_cell", lambda: L.RNN(L.GRUCell(4)), (5, 3), False),
     ("rnn_cell_list", lambda: L.RNN([L.LSTMCell(4), L.GRUCell(3)]), (5, 3), False),
-    ("rnn_stacked_cells", lambda: L.RNN(L.StackedRNNCells([L.SimpleRNNCell(4)] * 1)), (5, 3),
-     False),
+    (
+        "rnn_stacked_cells",
+        lambda: L.RNN(L.StackedRNNCells([L.SimpleRNNCell(4)] * 1)),
+        (5, 3),
+        False,
+    ),
     ("rnn_custom_cell", lambda: L.RNN(MinimalCell(4)), (5, 3), False),
 ]
 LAYER_IDS = [c[0] for c in LAYER_CASES]
@@ -67,17 +71,37 @@ def _attention_mask(x):
 
 # Call forms other than one positional input: (id, factory, input shape, call(layer, x)).
 CALL_CASES = [
-    ("mha_keywords", lambda: L.MultiHeadAttention(2, 4), (5, 8),
-     lambda layer, x: layer(query=x, value=x)),
-    ("mha_key_keyword", lambda: L.MultiHeadAttention(2, 4), (5, 8),
-     lambda layer, x: layer(x, value=x, key=x)),
-    ("mha_attention_mask", lambda: L.MultiHeadAttention(2, 4), (5, 8),
-     lambda layer, x: layer(query=x, value=x, attention_mask=_attention_mask(x))),
-    ("mha_causal_training", lambda: L.MultiHeadAttention(2, 4, dropout=0.5), (5, 8),
-     lambda layer, x: layer(x, x, use_causal_mask=True, training=False)),
+    (
+        "mha_keywords",
+        lambda: L.MultiHeadAttention(2, 4),
+        (5, 8),
+        lambda layer, x: layer(query=x, value=x),
+    ),
+    (
+        "mha_key_keyword",
+        lambda: L.MultiHeadAttention(2, 4),
+        (5, 8),
+        lambda layer, x: layer(x, value=x, key=x),
+    ),
+    (
+        "mha_attention_mask",
+        lambda: L.MultiHeadAttention(2, 4),
+        (5, 8),
+        lambda layer, x: layer(query=x, value=x, attention_mask=_attention_mask(x)),
+    ),
+    (
+        "mha_causal_training",
+        lambda: L.MultiHeadAttention(2, 4, dropout=0.5),
+        (5, 8),
+        lambda layer, x: layer(x, x, use_causal_mask=True, training=False),
+    ),
     ("dense_keyword", lambda: L.Dense(3), (4,), lambda layer, x: layer(inputs=x)),
-    ("lstm_mask_keyword", lambda: L.LSTM(3), (5, 2),
-     lambda layer, x: layer(x, mask=keras.ops.greater(x[:, :, 0], -0.5))),
+    (
+        "lstm_mask_keyword",
+        lambda: L.LSTM(3),
+        (5, 2),
+        lambda layer, x: layer(x, mask=keras.ops.greater(x[:, :, 0], -0.5)),
+    ),
 ]
 CALL_IDS = [c[0] for c in CALL_CASES]
 

@@ -218,8 +218,12 @@ def test_generic_rnn_masks_every_cell_weight():
     w = PruneWrapper(rnn)
     w(np.ones((2, 5, 3), "float32"))
     cells = rnn.cell.cells
-    expected = [cells[0].kernel, cells[0].recurrent_kernel, cells[1].kernel,
-                cells[1].recurrent_kernel]
+    expected = [
+        cells[0].kernel,
+        cells[0].recurrent_kernel,
+        cells[1].kernel,
+        cells[1].recurrent_kernel,
+    ]
     assert [id(v) for v in w.prunable_weights] == [id(v) for v in expected]
     assert [tuple(m.shape) for m in w.masks] == [tuple(v.shape) for v in expected]
 
@@ -234,3 +238,53 @@ def test_rnn_with_an_unsupported_cell_names_the_cell():
     with pytest.raises(ValueError, match=r"cell\(s\) \['OpaqueCell'\] are not prunable"):
         PruneWrapper(L.RNN(OpaqueCell()))
     assert not kib.is_prunable(L.RNN(OpaqueCell()))
+
+
+# ------------------------------------------------------- mixed precision and XLA (jit_compile)
+@pytest.fixture
+def global_policy():
+    before = keras.mixed_precision.global_policy()
+    yield keras.mixed_precision.set_global_policy
+    keras.mixed_precision.set_global_policy(before)
+
+
+@pytest.mark.parametrize(
+    "policy,jit",
+    [
+        ("mixed_float16", False),
+        pytest.param("mixed_float16", True, marks=pytest.mark.slow),  # XLA compiles: ~10 s
+        pytest.param("float32", True, marks=pytest.mark.slow),
+    ],
+)
+def test_training_with_mixed_precision_and_jit(global_policy, policy, jit):
+    global_policy(policy)
+    model = keras.Sequential(
+        [keras.Input((6,)), L.Dense(16, activation="relu"), L.Dense(16), L.Dense(3)]
+    )
+    pruned = kib.prune(model)
+    pruned.compile(
+        "adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit
+    )
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 6)).astype("float32"), rng.integers(0, 3, 64)
+    cb = kib.IBPruning(kib.ConstantSparsity(0.5), score="magnitude")
+    pruned.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[cb])
+    compute = keras.mixed_precision.Policy(policy).compute_dtype
+    for w in kib.stats.find_wrappers(pruned):
+        assert w.compute_dtype == compute
+        for m, v in zip(w.masks, w.prunable_weights):
+            assert m.dtype == "float32" and v.dtype == "float32"
+            assert (m.numpy() == 0).mean() == pytest.approx(0.5, abs=0.01)
+            assert np.all(v.numpy()[m.numpy() == 0] == 0)
+    out = pruned.predict(x, verbose=0)
+    assert out.dtype == compute
+    # The forward pass equals the plain model holding the masked weights.
+    stripped = kib.strip_pruning(pruned)
+    np.testing.assert_array_equal(stripped.predict(x, verbose=0), out)
+    # A channel mask multiplies the output in the compute dtype.
+    ch = PruneWrapper(L.Dense(4), granularity="channel")
+    ch(np.ones((2, 3), "float32"))
+    ch.unit_mask.assign(np.array([1, 0, 1, 0], "float32"))
+    res = ch(np.ones((2, 3), "float32"))
+    assert res.dtype == compute and ch.unit_mask.dtype == "float32"
+    assert np.all(np.asarray(res)[:, [1, 3]] == 0)
