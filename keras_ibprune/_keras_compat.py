@@ -5,8 +5,11 @@
 - `get_stateless_scope()`: the enclosing `keras.StatelessScope`, or None.
 - `producing_layer(tensor)`: the layer that produced a symbolic tensor (`_keras_history`).
 - `nodes_by_depth(model)`, `outbound_layers(layer)`: the Functional graph.
-- `copy_call_signature(wrapper, layer)`: which of `training` / `mask` Keras passes to
-  `call` (`Layer._call_has_training_arg`, `_call_has_mask_arg`).
+- `copy_call_signature(wrapper, layer)`: Keras binds the wrapper's call arguments with the
+  inner layer's signature (`Layer._call_signature`, `_call_has_training_arg`, ...), so
+  keywords, several inputs, `training` and masks reach `call` as the inner layer takes them.
+- `sublayers(layer)`, `replace_sublayer(parent, old, new)`: direct tracked sublayers and
+  in-place replacement (`Layer._layers`, attributes).
 - `tracking_unlocked(layer)`: a context in which a built layer may add weights
   (`Layer._tracker`).
 - `optimizer_slots(optimizer, variable)`: an optimizer's per-variable state
@@ -22,6 +25,7 @@ import keras
 try:  # Keras >= 3.0 keeps the helper here.
     from keras.src.backend.common.stateless_scope import get_stateless_scope
 except ImportError:  # pragma: no cover
+
     def get_stateless_scope():
         return None
 
@@ -52,9 +56,74 @@ def outbound_layers(layer):
 
 
 def copy_call_signature(wrapper, layer):
-    """Makes Keras pass `training` / `mask` to `wrapper.call` exactly when `layer` takes them."""
+    """Makes Keras bind `wrapper`'s call arguments exactly as it binds `layer`'s.
+
+    `Layer.__call__` binds `(*args, **kwargs)` against `_call_signature` (first input,
+    build shapes, `training` and mask propagation); with the inner layer's signature the
+    wrapper (whose `call` takes `*args, **kwargs`) accepts every call form of the layer.
+    """
+    wrapper._call_signature = layer._call_signature
+    wrapper.call_signature_parameters = list(layer.call_signature_parameters)
     wrapper._call_has_training_arg = layer._call_has_training_arg
     wrapper._call_has_mask_arg = layer._call_has_mask_arg
+    wrapper._call_context_args = set(layer._call_context_args)
+    wrapper._call_has_context_arg = dict(layer._call_has_context_arg)
+    wrapper._allow_non_tensor_positional_args = layer._allow_non_tensor_positional_args
+
+
+def call_parameter_names(layer):
+    """Names of `layer.call`'s parameters, in order."""
+    return list(layer._call_signature.parameters)
+
+
+def sublayers(layer):
+    """The layers `layer` tracks directly (attributes, lists, dicts), each once."""
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def replace_sublayer(parent, old, new):
+    """Replaces `old` by `new` in `parent`: attributes, lists/dicts of layers, `_layers`.
+
+    Works below Keras' attribute tracking (the tracker is locked once a layer is built).
+
+    Returns:
+        The number of references replaced.
+    """
+    count = 0
+
+    def swap(value):
+        nonlocal count
+        if value is old:
+            count += 1
+            return new
+        if isinstance(value, list):
+            for i, v in enumerate(value):
+                if v is old:
+                    list.__setitem__(value, i, new)
+                    count += 1
+            return value
+        if isinstance(value, tuple) and any(v is old for v in value):
+            count += sum(v is old for v in value)
+            items = [new if v is old else v for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        if isinstance(value, dict):
+            for k, v in list(value.items()):
+                if v is old:
+                    dict.__setitem__(value, k, new)
+                    count += 1
+        return value
+
+    for name, value in list(vars(parent).items()):
+        if name == "_layers":
+            continue
+        result = swap(value)
+        if result is not value:
+            object.__setattr__(parent, name, result)
+    tracked = parent._layers
+    for i, v in enumerate(tracked):
+        if v is old:
+            list.__setitem__(tracked, i, new)
+    return count
 
 
 @contextlib.contextmanager

@@ -2,10 +2,11 @@
 
 Sequential and Functional models (nested ones included) are cloned: the result is a new
 model holding copies of the original weights, so a pretrained model stays pretrained
-and the original is left untouched. A layer used twice becomes one wrapper used twice
-(shared masks). Subclassed models are pruned by wrapping layers inside them
-(`self.fc = kib.PruneWrapper(keras.layers.Dense(10))`); `strip_pruning` then unwraps
-them in place.
+and the original is left untouched. Prunable layers inside custom layers are wrapped in
+place in the copy of their custom layer (`keras_ibprune.nested`). A layer used twice
+becomes one wrapper used twice (shared masks). Subclassed models are pruned by wrapping
+layers inside them (`self.fc = kib.PruneWrapper(keras.layers.Dense(10))`);
+`strip_pruning` then unwraps them in place.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ import keras
 import numpy as np
 
 from keras_ibprune import _keras_compat, registry
+from keras_ibprune.nested import (
+    NestedPruneWrapper,
+    left_dense,
+    nested_targets,
+    warn_left_dense,
+)
 from keras_ibprune.stats import find_wrappers
 from keras_ibprune.wrapper import PruneWrapper
 
@@ -47,21 +54,93 @@ def _clone(model, fn):
     return new_model, pairs
 
 
+def _qualified_layers(model):
+    """`[(qualified name, layer)]` of every layer under `model`: `"outer/inner"` paths."""
+    out = []
+
+    def walk(node, prefix):
+        for layer in _keras_compat.sublayers(node):
+            name = f"{prefix}{layer.name}"
+            out.append((name, layer))
+            walk(layer, name + "/")
+
+    walk(model, "")
+    return out
+
+
+def _resolve_names(to_prune, entries, items, arg):
+    """Layer ids named by `items`: a plain name matches every layer of that name (nested
+    ones too), `"outer/inner"` exactly one path; layer objects are taken as they are."""
+    if items is None:
+        return None
+    if isinstance(items, (str, keras.layers.Layer)):
+        items = [items]
+    ids = set()
+    for item in items:
+        if isinstance(item, keras.layers.Layer):
+            ids.add(id(item))
+            continue
+        if not isinstance(item, str):
+            raise ValueError(f"`{arg}` must hold layer names or layers. Received: {arg}={items!r}")
+        key = 0 if "/" in item else 1
+        found = [la for q, la in entries if (q if key == 0 else la.name) == item]
+        if not found:
+            raise ValueError(
+                f"No layer named {item!r} in model '{to_prune.name}'. Available: "
+                f"{sorted({la.name for _, la in entries})} (nested layers also as "
+                f"'outer/inner' paths). Received: {arg}={items!r}"
+            )
+        ids.update(id(la) for la in found)
+    return ids
+
+
+def _expand(ids, entries, granularity):
+    """Names of containers (custom layers, nested models) stand for their prunable layers."""
+    if ids is None:
+        return None
+    by_id = {id(la): la for _, la in entries}
+    out = set()
+    for lid in ids:
+        layer = by_id.get(lid)
+        if layer is None or registry.is_prunable(layer) or not _keras_compat.sublayers(layer):
+            out.add(lid)
+            continue
+        inner = [la for la in _keras_compat.all_layers(layer) if _selectable(la, granularity)]
+        out.update(id(la) for la in inner) if inner else out.add(lid)
+    return out
+
+
+def _selectable(layer, granularity):
+    if granularity == "channel":
+        return registry.supports_channels(layer)
+    return registry.is_prunable(layer)
+
+
 def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=None):
-    """Wraps the prunable layers of a model (or a single layer) in `PruneWrapper`.
+    """Wraps the prunable layers of a model (or a layer, or a list of layers).
+
+    Prunable layers are found at any depth: in nested Sequential/Functional models (cloned)
+    and inside custom layers (e.g. keras_hub's `TransformerEncoder`), where they are
+    wrapped in place in a copy of the custom layer (held by a `NestedPruneWrapper`).
+    Layers with weight matrices that cannot be pruned are reported in a warning.
 
     Args:
-        to_prune: a Sequential or Functional `keras.Model`, or a single layer.
-        layers: optional names (or layer objects) of the only layers to wrap.
-        exclude: optional names (or layer objects) of layers not to wrap.
+        to_prune: a Sequential or Functional `keras.Model`, a single layer, or a list of
+            layers (as in tfmot's `prune_low_magnitude`).
+        layers: optional names (or layer objects) of the only layers to wrap. A plain
+            name selects every layer of that name (keras_hub repeats names across
+            blocks), `"outer/inner"` one nested layer; the name of a custom layer or a
+            nested model selects the prunable layers inside it.
+        exclude: optional names (or layer objects) of layers not to wrap, resolved
+            the same way.
         granularity: `"weight"` (unstructured) or `"channel"` (units/filters, for
-            `shrink`).
+            `shrink`; layers of the model graph only).
         block_size: optional `(rows, cols)` block for weight masks over the
             `(inputs, units)` kernel matrix, e.g. `(16, 1)`, which TFLite runs sparse.
 
     Returns:
-        A new model with the same weights whose prunable layers are wrapped (or a
-        `PruneWrapper` when given a layer).
+        A new model with the same weights whose prunable layers are wrapped (a
+        `PruneWrapper` for a layer, a list of them for a list of layers).
 
     Raises:
         ValueError: bad input (not a model/layer, nothing prunable, unknown layer
@@ -75,12 +154,14 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
     pruned.fit(x, y, epochs=4, callbacks=[kib.IBPruning(kib.PolynomialDecay(0, .9, 0, 3))])
     ```
     """
-    if isinstance(to_prune, keras.layers.Layer) and not isinstance(to_prune, keras.Model):
-        return PruneWrapper(to_prune, granularity=granularity, block_size=block_size)
+    if isinstance(to_prune, (list, tuple)) or (
+        isinstance(to_prune, keras.layers.Layer) and not isinstance(to_prune, keras.Model)
+    ):
+        return _prune_layers(to_prune, layers, exclude, granularity, block_size)
     if not isinstance(to_prune, keras.Model):
         raise ValueError(
-            "`prune` expects a keras.Model (Sequential or Functional) or a keras layer. "
-            f"Received: to_prune={to_prune!r}"
+            "`prune` expects a keras.Model (Sequential or Functional), a keras layer or a "
+            f"list of layers. Received: to_prune={to_prune!r}"
         )
     if find_wrappers(to_prune):
         raise ValueError(
@@ -95,31 +176,10 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
             "keras.layers.Dense(10))`; the IBPruning callback, strip_pruning and the summary "
             f"then work on it. Received: to_prune of type {type(to_prune).__name__}"
         )
-    all_layers = _all_layers(to_prune)
-    by_name = {layer.name: layer for layer in all_layers}
-
-    def resolve(items, arg):
-        if items is None:
-            return None
-        if isinstance(items, (str, keras.layers.Layer)):
-            items = [items]
-        ids = set()
-        for item in items:
-            if isinstance(item, str):
-                if item not in by_name:
-                    raise ValueError(
-                        f"No layer named {item!r} in model '{to_prune.name}'. Available: "
-                        f"{sorted(by_name)}. Received: {arg}={items!r}"
-                    )
-                item = by_name[item]
-            elif not isinstance(item, keras.layers.Layer):
-                raise ValueError(
-                    f"`{arg}` must hold layer names or layers. Received: {arg}={items!r}"
-                )
-            ids.add(id(item))
-        return ids
-
-    only, skip = resolve(layers, "layers"), resolve(exclude, "exclude") or set()
+    entries = _qualified_layers(to_prune)
+    all_layers = [la for _, la in entries]
+    only = _expand(_resolve_names(to_prune, entries, layers, "layers"), entries, granularity)
+    skip = _resolve_names(to_prune, entries, exclude, "exclude") or set()
     if only is not None:
         for lid in only:
             layer = next(la for la in all_layers if id(la) == lid)
@@ -136,29 +196,99 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
             return False
         if only is not None:
             return id(layer) in only
-        if granularity == "channel":
-            return registry.supports_channels(layer)
-        return registry.is_prunable(layer)
+        return _selectable(layer, granularity)
 
-    if not any(wanted(la) for la in all_layers):
+    # The plan: layers of the (nested) model graphs, and targets inside custom layers.
+    plan, nested = set(), {}
+
+    def make_plan(model):
+        for layer in _keras_compat.sublayers(model):
+            if id(layer) in skip:
+                continue
+            if isinstance(layer, keras.Model):
+                if _is_graph_model(layer):
+                    make_plan(layer)
+            elif wanted(layer):
+                plan.add(id(layer))
+            elif not registry.is_prunable(layer):
+                targets = nested_targets(layer, wanted, skip)
+                if targets:
+                    nested[id(layer)] = [p for p, _ in targets]
+                    plan.update(id(t) for _, t in targets)
+
+    make_plan(to_prune)
+    if only is not None and only - plan:
+        missed = [la for la in all_layers if id(la) in only - plan]
+        where = [q for q, la in entries if id(la) in only - plan]
+        raise ValueError(
+            f"Cannot wrap {[la.name for la in missed]} of model '{to_prune.name}': "
+            + (
+                "granularity='channel' applies to layers of the model graph, not to layers "
+                "inside custom layers. "
+                if granularity == "channel"
+                else "they sit inside another prunable layer (name that layer), inside a "
+                "subclassed model, or are not built. "
+            )
+            + f"Received: layers at {where}"
+        )
+    if not plan:
         raise ValueError(
             f"Model '{to_prune.name}' has no prunable layer (after `layers`/`exclude`). "
             f"Supported types: {registry._SUPPORTED}. Received layers: "
             f"{[type(la).__name__ for la in all_layers]}"
         )
+    if only is None and granularity == "weight":
+        covered = {
+            id(v)
+            for la in all_layers
+            if id(la) in plan and la.built
+            for v in registry.get_prunable_weights(la)
+        }
+        warn_left_dense(to_prune, left_dense(to_prune, plan, skip, covered))
 
     def clone_fn(layer):
         copy = _copy_layer(layer)
-        if wanted(layer):
+        if id(layer) in plan:
             return PruneWrapper(copy, granularity=granularity, block_size=block_size)
+        if id(layer) in nested:
+            return NestedPruneWrapper(
+                copy, nested[id(layer)], granularity=granularity, block_size=block_size
+            )
         return copy
 
     new_model, pairs = _clone(to_prune, clone_fn)
     for old, new in pairs:
-        target = new.layer if isinstance(new, PruneWrapper) else new
-        if old.built and target.built and old.weights:
-            target.set_weights(old.get_weights())
+        if not (old.built and new.built and old.weights):
+            continue
+        if isinstance(new, NestedPruneWrapper):
+            with new.unwrapped() as plain:
+                plain.set_weights(old.get_weights())
+        else:
+            (new.layer if isinstance(new, PruneWrapper) else new).set_weights(old.get_weights())
     return new_model
+
+
+def _prune_layers(to_prune, layers, exclude, granularity, block_size):
+    """tfmot's layer and list forms: a `PruneWrapper` per layer, weights shared."""
+    if layers is not None or exclude is not None:
+        raise ValueError(
+            "`layers` / `exclude` select layers of a model; to wrap some layers only, pass "
+            "just those: `kib.prune([dense_1, conv_2])`. Received: "
+            f"layers={layers!r}, exclude={exclude!r}"
+        )
+    items = list(to_prune) if isinstance(to_prune, (list, tuple)) else None
+    for la in items if items is not None else [to_prune]:
+        if not isinstance(la, keras.layers.Layer) or isinstance(la, keras.Model):
+            raise ValueError(
+                "`prune` wraps a model, a layer or a list of layers; a list must hold "
+                "keras layers only (prune models one by one: `[kib.prune(m) for m in "
+                f"models]`). Received: to_prune={to_prune!r}"
+            )
+    wrap = [
+        PruneWrapper(la, granularity=granularity, block_size=block_size)
+        for la in (items if items is not None else [to_prune])
+    ]
+    return wrap if items is not None else wrap[0]
 
 
 def strip_pruning(model):
@@ -167,6 +297,8 @@ def strip_pruning(model):
     Sequential/Functional models are cloned (the pruned model is untouched). For a
     subclassed model the wrappers inside it are replaced by their inner layers, in place,
     and the same model is returned. A single `PruneWrapper` gives back its inner layer.
+    Layers wrapped inside custom layers are unwrapped too (a `NestedPruneWrapper` gives
+    back its plain custom layer).
 
     Example:
 
@@ -178,6 +310,8 @@ def strip_pruning(model):
     if isinstance(model, PruneWrapper):
         model.layer.set_weights(model.baked_weights())
         return model.layer
+    if isinstance(model, NestedPruneWrapper):
+        return model.strip()
     if not isinstance(model, keras.Model):
         raise ValueError(f"`strip_pruning` expects a keras.Model. Received: model={model!r}")
     if not _is_graph_model(model):
@@ -186,13 +320,16 @@ def strip_pruning(model):
     def clone_fn(layer):
         if isinstance(layer, PruneWrapper):
             return _copy_layer(layer.layer)
+        if isinstance(layer, NestedPruneWrapper):
+            with layer.unwrapped() as plain:
+                return _copy_layer(plain)
         return _copy_layer(layer)
 
     new_model, pairs = _clone(model, clone_fn)
     for old, new in pairs:
         if not (old.built and new.built):
             continue
-        if isinstance(old, PruneWrapper):
+        if isinstance(old, (PruneWrapper, NestedPruneWrapper)):
             new.set_weights(old.baked_weights())
         elif old.weights:
             new.set_weights(old.get_weights())
@@ -207,13 +344,18 @@ def _strip_in_place(model):
             if value.built:
                 value.layer.set_weights(value.baked_weights())
             return value.layer
-        if isinstance(value, (list, tuple)) and any(isinstance(v, PruneWrapper) for v in value):
+        if isinstance(value, NestedPruneWrapper):
+            return value.strip()
+        kinds = (PruneWrapper, NestedPruneWrapper)
+        if isinstance(value, (list, tuple)) and any(isinstance(v, kinds) for v in value):
             return type(value)(unwrap(v) for v in value)
-        if isinstance(value, dict) and any(isinstance(v, PruneWrapper) for v in value.values()):
+        if isinstance(value, dict) and any(isinstance(v, kinds) for v in value.values()):
             return {k: unwrap(v) for k, v in value.items()}
         return value
 
-    objs = [model] + [la for la in _all_layers(model) if not isinstance(la, PruneWrapper)]
+    objs = [model] + [
+        la for la in _all_layers(model) if not isinstance(la, (PruneWrapper, NestedPruneWrapper))
+    ]
     for obj in objs:
         for name, value in list(vars(obj).items()):
             if name.startswith("_") and name not in ("_layers",):

@@ -21,7 +21,8 @@ import keras
 _SUPPORTED = (
     "Dense, EinsumDense, Conv1D/2D/3D, Conv1DTranspose/2DTranspose/3DTranspose, "
     "DepthwiseConv1D/2D, SeparableConv1D/2D, Embedding, MultiHeadAttention, "
-    "SimpleRNN, LSTM, GRU"
+    "SimpleRNN, LSTM, GRU, RNN over SimpleRNNCell/LSTMCell/GRUCell, StackedRNNCells or "
+    "cells defining get_prunable_weights()"
 )
 
 # Layer class -> function returning the list of prunable variables of a built layer.
@@ -35,8 +36,33 @@ def _attrs(*names):
     return getter
 
 
+# Recurrent cell class -> prunable variables of a built cell. Cells are not layers one
+# wraps on their own: an `RNN` layer is prunable when every cell it runs is.
+_CELLS: dict[type, object] = {}
+
+
+def _cells(cell):
+    """The cells an RNN runs: `StackedRNNCells` is flattened (at any depth)."""
+    if isinstance(cell, keras.layers.StackedRNNCells):
+        return [c for inner in cell.cells for c in _cells(inner)]
+    return [cell]
+
+
+def _cell_getter(cell):
+    if hasattr(cell, "get_prunable_weights"):
+        return lambda c: list(c.get_prunable_weights())
+    for cls in type(cell).__mro__:
+        if cls in _CELLS:
+            return _CELLS[cls]
+    return None
+
+
 def _rnn(layer):
-    return [layer.cell.kernel, layer.cell.recurrent_kernel]
+    return [w for cell in _cells(layer.cell) for w in _cell_getter(cell)(cell)]
+
+
+def _rnn_supported(layer):
+    return all(_cell_getter(c) is not None for c in _cells(layer.cell))
 
 
 def _mha(layer):
@@ -88,8 +114,9 @@ for _cls in (L.SeparableConv1D, L.SeparableConv2D):
     register_prunable(_cls, ["depthwise_kernel", "pointwise_kernel"])
 register_prunable(L.Embedding, ["embeddings"])
 register_prunable(L.MultiHeadAttention, _mha)
-for _cls in (L.SimpleRNN, L.LSTM, L.GRU):
-    register_prunable(_cls, _rnn)
+register_prunable(L.RNN, _rnn)  # SimpleRNN, LSTM, GRU and generic RNN(cell)
+for _cls in (L.SimpleRNNCell, L.LSTMCell, L.GRUCell):
+    _CELLS[_cls] = _attrs("kernel", "recurrent_kernel")
 del L, _cls
 
 
@@ -108,6 +135,8 @@ def is_prunable(layer) -> bool:
     """
     if hasattr(layer, "get_prunable_weights"):
         return True
+    if isinstance(layer, keras.layers.RNN) and not _rnn_supported(layer):
+        return False
     return _lookup(layer) is not None
 
 
@@ -120,12 +149,21 @@ def get_prunable_weights(layer) -> list:
     if hasattr(layer, "get_prunable_weights"):
         return list(layer.get_prunable_weights())
     getter = _lookup(layer)
-    if getter is None:
+    if getter is None or not is_prunable(layer):
         raise ValueError(unsupported_message(layer))
     return list(getter(layer))
 
 
 def unsupported_message(layer) -> str:
+    """The error message for a layer that cannot be wrapped."""
+    if isinstance(layer, keras.layers.RNN):
+        bad = [type(c).__name__ for c in _cells(layer.cell) if _cell_getter(c) is None]
+        return (
+            f"Layer '{layer.name}' of type {type(layer).__name__} cannot be pruned: its "
+            f"cell(s) {bad} are not prunable. Supported cells: SimpleRNNCell, LSTMCell, "
+            "GRUCell (also inside StackedRNNCells); a custom cell opts in by defining "
+            f"`get_prunable_weights()`. Received: layer={layer!r}"
+        )
     return (
         f"Layer '{getattr(layer, 'name', layer)}' of type {type(layer).__name__} cannot be "
         f"pruned. Supported layer types: {_SUPPORTED}. A custom layer opts in by defining "

@@ -13,6 +13,8 @@ changes them lives in the `IBPruning` callback / `Pruner`.
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 from keras import ops
 
@@ -36,14 +38,29 @@ def _check_block_size(block_size):
     return None if bs == (1, 1) else bs
 
 
+def _single_shape_build(layer):
+    """Whether `layer.build` takes (at most) one required shape argument."""
+    try:
+        params = inspect.signature(layer.build).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return True
+    required = [
+        p
+        for p in params
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(required) <= 1
+
+
 @keras.saving.register_keras_serializable(package="keras_ibprune")
 class PruneWrapper(keras.layers.Wrapper):
     """Wraps a Keras layer and masks its prunable weights (or output units).
 
     Args:
         layer: the layer to prune (Dense, Conv*, DepthwiseConv*, SeparableConv*,
-            EinsumDense, Embedding, MultiHeadAttention, SimpleRNN/LSTM/GRU, or a custom layer
-            defining `get_prunable_weights()`).
+            EinsumDense, Embedding, MultiHeadAttention, SimpleRNN/LSTM/GRU, RNN over their
+            cells, or a custom layer defining `get_prunable_weights()`). Every call form of
+            the layer works on the wrapper (keywords, several inputs, `training`, masks).
         granularity: `"weight"` (unstructured masks, one per prunable weight) or
             `"channel"` (one mask over output units/filters, for `shrink`).
         block_size: optional `(rows, cols)` block for weight masks: weights are kept or
@@ -115,9 +132,15 @@ class PruneWrapper(keras.layers.Wrapper):
         super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ build
-    def build(self, input_shape=None):
-        if not self.layer.built and not isinstance(self.layer, keras.layers.MultiHeadAttention):
-            self.layer.build(input_shape)
+    def build(self, input_shape=None, **shapes):
+        # Keras passes the first input's shape; a parent layer may call
+        # `build(query_shape=..., value_shape=...)` as it would on the inner layer.
+        if not self.layer.built:
+            if shapes:
+                self.layer.build(*(() if input_shape is None else (input_shape,)), **shapes)
+            elif input_shape is not None and _single_shape_build(self.layer):
+                self.layer.build(input_shape)
+            # Otherwise (several inputs) the inner layer builds on the first call.
         if self.layer.built:
             self._build_masks(input_shape)
         self.built = True
@@ -164,9 +187,10 @@ class PruneWrapper(keras.layers.Wrapper):
         return registry.get_prunable_weights(self.layer)
 
     # ------------------------------------------------------------------- call
-    def call(self, inputs, *args, **kwargs):
-        # `training` / `mask` arrive in kwargs exactly when the inner layer takes them.
-        args = (inputs, *args)
+    def call(self, *args, **kwargs):
+        # Keras binds the arguments with the inner layer's signature (see
+        # `_keras_compat.copy_call_signature`): positional, keyword, several inputs, and
+        # `training` / masks exactly when the inner layer takes them.
         if not self._masks_built:
             # Layers whose build needs several inputs (MultiHeadAttention) build on
             # their first (symbolic) call; masks follow.
@@ -183,8 +207,15 @@ class PruneWrapper(keras.layers.Wrapper):
             m = ops.cast(self.unit_mask, outputs.dtype)
             outputs = outputs * m
         if capture is not None:
-            capture.append((args[0] if args else None, preact, outputs))
+            capture.append((self._first_input(args, kwargs), preact, outputs))
         return outputs
+
+    def _first_input(self, args, kwargs):
+        """The inner layer's first call argument, passed by position or by keyword."""
+        if args:
+            return args[0]
+        names = _keras_compat.call_parameter_names(self.layer)
+        return kwargs.get(names[0]) if names else None
 
     def _inner_call(self, args, kwargs, want_preact, probe=None):
         act = getattr(self.layer, "activation", None)

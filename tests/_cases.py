@@ -7,6 +7,31 @@ import keras_ibprune as kib
 
 L = keras.layers
 
+
+@keras.saving.register_keras_serializable(package="keras_ibprune_tests")
+class MinimalCell(L.Layer):
+    """A custom RNN cell that opts in with `get_prunable_weights()`."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.state_size = units
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.units), name="kernel")
+        self.recurrent = self.add_weight(shape=(self.units, self.units), name="recurrent")
+
+    def call(self, x, states):
+        h = keras.ops.tanh(x @ self.kernel + states[0] @ self.recurrent)
+        return h, [h]
+
+    def get_prunable_weights(self):
+        return [self.kernel, self.recurrent]
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
 # (id, layer factory, input shape without batch, integer inputs?)
 LAYER_CASES = [
     ("dense", lambda: L.Dense(6, activation="relu"), (5,), False),
@@ -23,8 +48,62 @@ LAYER_CASES = [
     ("simple_rnn", lambda: L.SimpleRNN(4), (5, 3), False),
     ("lstm", lambda: L.LSTM(4), (5, 3), False),
     ("gru", lambda: L.GRU(4), (5, 3), False),
+    ("rnn_simple_cell", lambda: L.RNN(L.SimpleRNNCell(4)), (5, 3), False),
+    ("rnn_lstm_cell", lambda: L.RNN(L.LSTMCell(4), return_sequences=True), (5, 3), False),
+    ("rnn_gru_cell", lambda: L.RNN(L.GRUCell(4)), (5, 3), False),
+    ("rnn_cell_list", lambda: L.RNN([L.LSTMCell(4), L.GRUCell(3)]), (5, 3), False),
+    (
+        "rnn_stacked_cells",
+        lambda: L.RNN(L.StackedRNNCells([L.SimpleRNNCell(4)] * 1)),
+        (5, 3),
+        False,
+    ),
+    ("rnn_custom_cell", lambda: L.RNN(MinimalCell(4)), (5, 3), False),
 ]
 LAYER_IDS = [c[0] for c in LAYER_CASES]
+
+
+def _attention_mask(x):
+    """A data-dependent (batch, T, T) mask built with keras.ops (works on symbolic x)."""
+    keep = keras.ops.greater(keras.ops.abs(x[:, :, :1]), 0.3)
+    return keras.ops.logical_and(keep, keras.ops.transpose(keep, (0, 2, 1)))
+
+
+# Call forms other than one positional input: (id, factory, input shape, call(layer, x)).
+CALL_CASES = [
+    (
+        "mha_keywords",
+        lambda: L.MultiHeadAttention(2, 4),
+        (5, 8),
+        lambda layer, x: layer(query=x, value=x),
+    ),
+    (
+        "mha_key_keyword",
+        lambda: L.MultiHeadAttention(2, 4),
+        (5, 8),
+        lambda layer, x: layer(x, value=x, key=x),
+    ),
+    (
+        "mha_attention_mask",
+        lambda: L.MultiHeadAttention(2, 4),
+        (5, 8),
+        lambda layer, x: layer(query=x, value=x, attention_mask=_attention_mask(x)),
+    ),
+    (
+        "mha_causal_training",
+        lambda: L.MultiHeadAttention(2, 4, dropout=0.5),
+        (5, 8),
+        lambda layer, x: layer(x, x, use_causal_mask=True, training=False),
+    ),
+    ("dense_keyword", lambda: L.Dense(3), (4,), lambda layer, x: layer(inputs=x)),
+    (
+        "lstm_mask_keyword",
+        lambda: L.LSTM(3),
+        (5, 2),
+        lambda layer, x: layer(x, mask=keras.ops.greater(x[:, :, 0], -0.5)),
+    ),
+]
+CALL_IDS = [c[0] for c in CALL_CASES]
 
 
 def make_input(shape, integer=False, n=4, seed=0):
@@ -91,6 +170,33 @@ class SubclassedNet(keras.Model):
         return self.logits(self.fc1(self.flat(self.conv(x))))
 
 
+@keras.saving.register_keras_serializable(package="keras_ibprune_tests")
+class ConvDenseBlock(L.Layer):
+    """A custom layer (not a Model) holding prunable layers, one of them two levels down."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = L.Conv2D(8, 3, activation="relu", name="conv")
+        self.head = [L.Dense(16, activation="relu", name="fc1"), L.LayerNormalization()]
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+        h, w, c = self.conv.compute_output_shape(input_shape)[1:]
+        self.head[0].build((None, h * w * c))
+        self.head[1].build((None, 16))
+
+    def call(self, x):
+        h = self.conv(x)
+        h = keras.ops.reshape(h, (keras.ops.shape(h)[0], -1))
+        return self.head[1](self.head[0](h))
+
+
+def _custom_layer():
+    inp = keras.Input((8, 8, 1))
+    h = ConvDenseBlock(name="block")(inp)
+    return keras.Model(inp, L.Dense(10, name="logits")(h), name="custom_layer")
+
+
 def _subclassed():
     model = SubclassedNet(name="sub")
     model(np.zeros((1, 8, 8, 1), "float32"))
@@ -102,6 +208,7 @@ MODEL_KINDS = {
     "functional": small_cnn,
     "nested": _nested,
     "reused": _reused,
+    "custom_layer": _custom_layer,
     "subclassed": _subclassed,
 }
 

@@ -1,12 +1,16 @@
 import json
+import warnings
 
 import keras
 import numpy as np
 import pytest
 from _cases import (
+    CALL_CASES,
+    CALL_IDS,
     LAYER_CASES,
     LAYER_IDS,
     MODEL_KINDS,
+    ConvDenseBlock,
     data,
     make_input,
     pruned_model,
@@ -15,6 +19,7 @@ from _cases import (
 )
 
 import keras_ibprune as kib
+from keras_ibprune.nested import NestedPruneWrapper
 from keras_ibprune.wrapper import PruneWrapper
 
 KINDS = list(MODEL_KINDS)
@@ -190,8 +195,9 @@ def _single_layer_model(factory, shape, integer):
 
 @pytest.mark.parametrize("granularity", ["weight", "channel"])
 @pytest.mark.parametrize("name,factory,shape,integer", LAYER_CASES, ids=LAYER_IDS)
-def test_layer_table_config_save_load_and_strip(name, factory, shape, integer, granularity,
-                                                tmp_path):
+def test_layer_table_config_save_load_and_strip(
+    name, factory, shape, integer, granularity, tmp_path
+):
     if granularity == "channel" and not kib.registry.supports_channels(factory()):
         pytest.skip(f"{name} has no units to remove")
     model = _single_layer_model(factory, shape, integer)
@@ -211,9 +217,225 @@ def test_layer_table_config_save_load_and_strip(name, factory, shape, integer, g
     for a, b in zip(kib.stats.find_wrappers(loaded)[0].weights, wrapper.weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     if granularity == "weight" or getattr(factory(), "activation", None) in (
-            None, keras.activations.relu, keras.activations.linear):
+        None,
+        keras.activations.relu,
+        keras.activations.linear,
+    ):
         stripped = kib.strip_pruning(pruned)
         assert not kib.stats.find_wrappers(stripped)
         np.testing.assert_allclose(np.asarray(stripped(x)), masked, atol=1e-5)
     assert kib.count_params(pruned) == kib.count_params(model)
     assert kib.count_flops(pruned) == kib.count_flops(model)
+
+
+@pytest.mark.parametrize("name,factory,shape,call", CALL_CASES, ids=CALL_IDS)
+def test_keyword_calls_prune_save_load_and_strip(name, factory, shape, call, tmp_path):
+    inp = keras.Input(shape)
+    model = keras.Model(inp, call(factory(), inp))
+    pruned = kib.prune(model)
+    (wrapper,) = _wrappers(pruned)
+    randomize_masks(pruned, 0.5)
+    x = make_input(shape)
+    masked = np.asarray(pruned(x))
+    pruned.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(np.asarray(loaded(x)), masked, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kib.strip_pruning(pruned)(x)), masked, atol=1e-5)
+
+
+# ------------------------------------------------- layers inside custom layers (any depth)
+def test_layers_inside_a_custom_layer_are_wrapped_in_place():
+    model = MODEL_KINDS["custom_layer"]()
+    pruned = kib.prune(model, exclude=["logits"])
+    (holder,) = [la for la in pruned.layers if isinstance(la, NestedPruneWrapper)]
+    block = holder.layer
+    assert isinstance(block.conv, PruneWrapper) and isinstance(block.head[0], PruneWrapper)
+    assert sorted(w.layer.name for w in _wrappers(pruned)) == ["conv", "fc1"]
+    # Same variables, same values as the original block; the original is untouched.
+    np.testing.assert_array_equal(
+        block.conv.layer.kernel.numpy(), model.get_layer("block").conv.kernel.numpy()
+    )
+    assert not _wrappers(model)
+    x, _ = data(8)
+    np.testing.assert_allclose(pruned.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    randomize_masks(pruned, 0.5)
+    fc1 = block.head[0]
+    zeroed = fc1.layer.kernel.numpy() * fc1.masks[0].numpy()
+    oracle = kib.strip_pruning(pruned).get_layer(index=1).head[0].kernel.numpy()
+    np.testing.assert_array_equal(oracle, zeroed)
+
+
+def test_nested_wrappers_save_and_load(tmp_path):
+    pruned = pruned_model("custom_layer")
+    assert len(_wrappers(pruned)) == 2
+    randomize_masks(pruned, 0.5)
+    x, _ = data(8)
+    pruned.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), pruned.predict(x, verbose=0), atol=1e-6
+    )
+    assert [w.name for w in _wrappers(loaded)] == [w.name for w in _wrappers(pruned)]
+    for a, b in zip(_wrappers(loaded), _wrappers(pruned)):
+        for ma, mb in zip(a.masks, b.masks):
+            np.testing.assert_array_equal(ma.numpy(), mb.numpy())
+
+
+def test_nested_names_plain_qualified_and_container():
+    model = MODEL_KINDS["custom_layer"]()
+    assert [w.layer.name for w in _wrappers(kib.prune(model, layers=["fc1"]))] == ["fc1"]
+    only = kib.prune(model, layers=["block/fc1"])
+    assert [w.layer.name for w in _wrappers(only)] == ["fc1"]
+    assert sorted(w.layer.name for w in _wrappers(kib.prune(model, layers=["block"]))) == [
+        "conv",
+        "fc1",
+    ]
+    assert [w.layer.name for w in _wrappers(kib.prune(model, exclude=["block"]))] == ["logits"]
+    with pytest.raises(ValueError, match="No layer named 'block/fc9'"):
+        kib.prune(model, layers=["block/fc9"])
+
+
+def test_a_plain_name_selects_every_nested_layer_of_that_name():
+    inp = keras.Input((8, 8, 1))
+    h = ConvDenseBlock(name="a")(inp)
+    h = keras.layers.Reshape((4, 4, 1))(h)
+    h = ConvDenseBlock(name="b")(keras.layers.ZeroPadding2D(2)(h))
+    model = keras.Model(inp, h)
+    pruned = kib.prune(model, layers=["fc1"])
+    assert [w.layer.name for w in _wrappers(pruned)] == ["fc1", "fc1"]
+    one = kib.prune(model, layers=["b/fc1"])
+    (w,) = _wrappers(one)
+    assert w.name == "prune_b_fc1"
+
+
+def test_a_layer_inside_a_prunable_layer_cannot_be_selected():
+    inp = keras.Input((5, 8))
+    model = keras.Model(inp, keras.layers.MultiHeadAttention(2, 4, name="mha")(inp, inp))
+    with pytest.raises(ValueError, match="inside another prunable layer"):
+        kib.prune(model, layers=["mha/query"])
+
+
+def test_unsupported_weighted_layers_are_named_in_a_warning():
+    inp = keras.Input((3, 6, 6, 2))
+    h = keras.layers.ConvLSTM2D(4, 3, name="clstm")(inp)
+    h = keras.layers.Flatten()(h)
+    model = keras.Model(inp, keras.layers.Dense(2, name="out")(h))
+    with pytest.warns(UserWarning, match=r"'clstm' \(ConvLSTM2D, 864 weights\)"):
+        pruned = kib.prune(model)
+    assert [w.layer.name for w in _wrappers(pruned)] == ["out"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kib.prune(model, exclude=["clstm"])  # left dense on purpose: no warning
+
+
+# ------------------------------------------------------------ tfmot's layer / list forms
+def test_prune_a_list_of_layers_gives_a_list_of_wrappers():
+    layers = [keras.layers.Dense(3), keras.layers.Conv2D(2, 3)]
+    wrapped = kib.prune(layers, granularity="weight")
+    assert isinstance(wrapped, list) and [w.layer for w in wrapped] == layers
+    assert all(isinstance(w, PruneWrapper) for w in wrapped)
+    model = keras.Sequential([keras.Input((6,)), *kib.prune([keras.layers.Dense(4)])])
+    assert len(_wrappers(model)) == 1
+
+
+def test_prune_layer_in_a_clone_function_like_tfmot():
+    model = small_cnn()
+
+    def apply(layer):
+        return kib.prune(layer) if isinstance(layer, keras.layers.Dense) else layer
+
+    pruned = keras.models.clone_model(model, clone_function=apply)
+    assert sorted(w.layer.name for w in _wrappers(pruned)) == ["fc1", "logits"]
+    x, _ = data(4)
+    np.testing.assert_allclose(pruned.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "to_prune,kwargs,match",
+    [
+        ([keras.layers.Dense(2), "dense"], {}, "list must hold keras layers.*Received"),
+        ([keras.Sequential([keras.layers.Dense(2)])], {}, "prune models one by one"),
+        (keras.layers.Dense(2), {"exclude": ["x"]}, "select layers of a model.*Received"),
+    ],
+)
+def test_layer_forms_bad_input(to_prune, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kib.prune(to_prune, **kwargs)
+
+
+@pytest.mark.slow
+def test_keras_hub_bert_classifier_prunes_attention_and_feed_forward(tmp_path):
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=100,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+        max_sequence_length=16,
+    )
+    model = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+    with pytest.warns(UserWarning, match="'bert_backbone/position_embedding'"):
+        pruned = kib.prune(model)
+    inner = {}
+    for w in _wrappers(pruned):
+        inner.setdefault(type(w.layer).__name__, []).append(w.name)
+    # Both encoder blocks: attention (query/key/value/output EinsumDense kernels) and FF.
+    assert len(inner["MultiHeadAttention"]) == 2
+    attention = [w for w in _wrappers(pruned) if type(w.layer).__name__ == "MultiHeadAttention"]
+    for w in attention:
+        assert [v.path.split("/")[-2] for v in w.prunable_weights] == [
+            "query",
+            "key",
+            "value",
+            "attention_output",
+        ]
+    ff = [n for n in inner["Dense"] if "feedforward" in n]
+    assert len(ff) == 4
+    masked = sum(int(np.prod(v.shape)) for w in _wrappers(pruned) for v in w.prunable_weights)
+    assert masked == 20736  # of 22,050: all but biases, norms and position embeddings
+    rng = np.random.default_rng(0)
+    x = {
+        "token_ids": rng.integers(0, 100, (8, 16)),
+        "segment_ids": np.zeros((8, 16), "int32"),
+        "padding_mask": np.ones((8, 16), "int32"),
+    }
+    y = rng.integers(0, 2, 8)
+    np.testing.assert_allclose(pruned.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    pruned.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    cb = kib.IBPruning(kib.ConstantSparsity(0.5), score="magnitude")
+    pruned.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    assert kib.sparsity(pruned) == pytest.approx(0.5, abs=0.01)
+    for w in attention + [w for w in _wrappers(pruned) if w.name in ff]:
+        assert 0.4 < 1 - np.mean([m.numpy().mean() for m in w.masks]) < 0.6, w.name
+    expected = pruned.predict(x, verbose=0)
+    stripped = kib.strip_pruning(pruned)
+    assert not _wrappers(stripped)
+    np.testing.assert_allclose(stripped.predict(x, verbose=0), expected, atol=1e-5)
+    pruned.save(tmp_path / "bert.keras")
+    loaded = keras.models.load_model(tmp_path / "bert.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, atol=1e-5)
+    assert len(_wrappers(loaded)) == len(_wrappers(pruned))
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: keras.layers.Bidirectional(keras.layers.LSTM(4)), (5, 3)),
+        (lambda: keras.layers.TimeDistributed(keras.layers.Dense(4)), (5, 3)),
+    ],
+    ids=["bidirectional", "time_distributed"],
+)
+def test_keras_wrapper_layers_are_entered(make, shape, tmp_path):
+    inp = keras.Input(shape)
+    model = keras.Model(inp, keras.layers.Dense(2, name="out")(make()(inp)))
+    pruned = kib.prune(model, exclude=["out"])
+    assert _wrappers(pruned)
+    randomize_masks(pruned, 0.5)
+    x = make_input(shape)
+    masked = pruned.predict(x, verbose=0)
+    assert np.abs(masked - model.predict(x, verbose=0)).max() > 1e-4  # masks act
+    np.testing.assert_allclose(kib.strip_pruning(pruned).predict(x, verbose=0), masked, atol=1e-5)
+    pruned.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), masked, atol=1e-6)

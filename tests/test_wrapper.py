@@ -1,7 +1,7 @@
 import keras
 import numpy as np
 import pytest
-from _cases import LAYER_CASES, LAYER_IDS, make_input
+from _cases import CALL_CASES, CALL_IDS, LAYER_CASES, LAYER_IDS, make_input
 
 import keras_ibprune as kib
 from keras_ibprune.wrapper import PruneWrapper
@@ -162,3 +162,129 @@ def test_no_mask_memory_per_step():
     w(np.ones((1, 3), "float32"))
     assert [tuple(v.shape) for v in w.non_trainable_weights] == [(3, 4)]
     assert kib.is_prunable(L.Dense(1)) and not kib.is_prunable(L.Flatten())
+
+
+# ---------------------------------------------- call forms: keywords, several inputs, masks
+def _call_twin(factory, shape, call):
+    plain, wrapped = factory(), PruneWrapper(factory())
+    x = make_input(shape)
+    call(plain, x)
+    call(wrapped, x)
+    wrapped.layer.set_weights(plain.get_weights())
+    return plain, wrapped, x
+
+
+@pytest.mark.parametrize("name,factory,shape,call", CALL_CASES, ids=CALL_IDS)
+def test_wrapper_forwards_every_call_form(name, factory, shape, call):
+    plain, wrapped, x = _call_twin(factory, shape, call)
+    np.testing.assert_allclose(np.asarray(call(wrapped, x)), np.asarray(call(plain, x)), atol=1e-5)
+    rng = np.random.default_rng(0)
+    for m in wrapped.masks:
+        m.assign((rng.random(tuple(m.shape)) > 0.5).astype("float32"))
+    plain.set_weights([w * m for w, m in _masked_pairs(wrapped)])
+    np.testing.assert_allclose(np.asarray(call(wrapped, x)), np.asarray(call(plain, x)), atol=1e-5)
+
+
+def _masked_pairs(wrapped):
+    masks = {id(w): m.numpy() for w, m in zip(wrapped.prunable_weights, wrapped.masks)}
+    return [(w.numpy(), masks.get(id(w), 1.0)) for w in wrapped.layer.weights]
+
+
+@pytest.mark.parametrize("name,factory,shape,call", CALL_CASES, ids=CALL_IDS)
+def test_call_forms_in_a_functional_model(name, factory, shape, call):
+    inp = keras.Input(shape)
+    wrapped = PruneWrapper(factory())
+    model = keras.Model(inp, call(wrapped, inp))
+    assert wrapped.masks and len(wrapped.masks) == len(wrapped.prunable_weights)
+    x = make_input(shape)
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(call(wrapped, x)), atol=1e-6)
+
+
+def test_capture_takes_the_first_input_from_keywords():
+    w = PruneWrapper(L.MultiHeadAttention(2, 4))
+    q = np.random.default_rng(0).random((2, 5, 8)).astype("float32")
+    w(query=q, value=q)
+    rec = []
+    w._capture = rec
+    out = w(query=q, value=q, attention_mask=np.ones((2, 5, 5), "bool"))
+    w._capture = None
+    ((xin, _, post),) = rec
+    np.testing.assert_array_equal(np.asarray(xin), q)
+    np.testing.assert_array_equal(np.asarray(post), np.asarray(out))
+
+
+def test_generic_rnn_masks_every_cell_weight():
+    rnn = L.RNN([L.LSTMCell(4), L.GRUCell(3)])
+    w = PruneWrapper(rnn)
+    w(np.ones((2, 5, 3), "float32"))
+    cells = rnn.cell.cells
+    expected = [
+        cells[0].kernel,
+        cells[0].recurrent_kernel,
+        cells[1].kernel,
+        cells[1].recurrent_kernel,
+    ]
+    assert [id(v) for v in w.prunable_weights] == [id(v) for v in expected]
+    assert [tuple(m.shape) for m in w.masks] == [tuple(v.shape) for v in expected]
+
+
+def test_rnn_with_an_unsupported_cell_names_the_cell():
+    class OpaqueCell(L.Layer):
+        state_size = 2
+
+        def call(self, x, states):
+            return x[:, :2], states
+
+    with pytest.raises(ValueError, match=r"cell\(s\) \['OpaqueCell'\] are not prunable"):
+        PruneWrapper(L.RNN(OpaqueCell()))
+    assert not kib.is_prunable(L.RNN(OpaqueCell()))
+
+
+# ------------------------------------------------------- mixed precision and XLA (jit_compile)
+@pytest.fixture
+def global_policy():
+    before = keras.mixed_precision.global_policy()
+    yield keras.mixed_precision.set_global_policy
+    keras.mixed_precision.set_global_policy(before)
+
+
+@pytest.mark.parametrize(
+    "policy,jit",
+    [
+        ("mixed_float16", False),
+        pytest.param("mixed_float16", True, marks=pytest.mark.slow),  # XLA compiles: ~10 s
+        pytest.param("float32", True, marks=pytest.mark.slow),
+    ],
+)
+def test_training_with_mixed_precision_and_jit(global_policy, policy, jit):
+    global_policy(policy)
+    model = keras.Sequential(
+        [keras.Input((6,)), L.Dense(16, activation="relu"), L.Dense(16), L.Dense(3)]
+    )
+    pruned = kib.prune(model)
+    pruned.compile(
+        "adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit
+    )
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 6)).astype("float32"), rng.integers(0, 3, 64)
+    cb = kib.IBPruning(kib.ConstantSparsity(0.5), score="magnitude")
+    pruned.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[cb])
+    compute = keras.mixed_precision.Policy(policy).compute_dtype
+    for w in kib.stats.find_wrappers(pruned):
+        assert w.compute_dtype == compute
+        for m, v in zip(w.masks, w.prunable_weights):
+            assert m.dtype == "float32" and v.dtype == "float32"
+            assert (m.numpy() == 0).mean() == pytest.approx(0.5, abs=0.01)
+            assert np.all(v.numpy()[m.numpy() == 0] == 0)
+    out = pruned.predict(x, verbose=0)
+    assert out.dtype == compute
+    # The forward pass equals the plain model holding the masked weights.
+    stripped = kib.strip_pruning(pruned)
+    np.testing.assert_array_equal(stripped.predict(x, verbose=0), out)
+    # A channel mask multiplies the output in the compute dtype.
+    ch = PruneWrapper(L.Dense(4), granularity="channel")
+    ch(np.ones((2, 3), "float32"))
+    ch.unit_mask.assign(np.array([1, 0, 1, 0], "float32"))
+    res = ch(np.ones((2, 3), "float32"))
+    assert res.dtype == compute and ch.unit_mask.dtype == "float32"
+    assert np.all(np.asarray(res)[:, [1, 3]] == 0)
