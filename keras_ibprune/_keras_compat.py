@@ -14,6 +14,8 @@
   (`Layer._tracker`).
 - `optimizer_slots(optimizer, variable)`: an optimizer's per-variable state
   (`_get_variable_index` and its slot lists).
+- `track_for_checkpoint(layer, name, variable)`: a variable in a list reaches
+  `tf.train.Checkpoint` (`_track_trackable`).
 """
 
 from __future__ import annotations
@@ -166,3 +168,15 @@ def optimizer_slots(optimizer, variable):
         if isinstance(slot, keras.Variable) and slot is not variable and tuple(slot.shape) == shape:
             slots.append(slot)
     return slots
+
+
+def track_for_checkpoint(layer, name, variable):
+    """Makes `tf.train.Checkpoint` reach `variable` under `name` (TensorFlow backend).
+
+    Keras 3 on TensorFlow exposes a layer's variables to TF checkpoints only when they are
+    attributes; variables kept in a Python list (the wrapper's masks) are skipped
+    (`KerasAutoTrackable._track_trackable`). No-op on other backends.
+    """
+    track = getattr(layer, "_track_trackable", None)
+    if track is not None:
+        track(variable, name=name, overwrite=True)

@@ -28,8 +28,9 @@ class IBPruning(keras.callbacks.Callback):
     epochs cannot reach the schedule's final sparsity (at train begin and end). The epoch
     logs get `sparsity` (the fraction of zeros over the *pruned* tensors, as scheduled) and
     per-layer `sparsity/<layer>`; the per-layer entries and the information logs reach
-    History, CSVLogger and TensorBoard but not the progress bar. The masks live in the model, so saving mid-way (or
-    `BackupAndRestore`) and fitting on with `initial_epoch` resumes the schedule exactly.
+    History, CSVLogger and TensorBoard but not the progress bar. The masks live in the
+    model, so saving mid-way (or `BackupAndRestore`) and fitting on with `initial_epoch`
+    resumes the schedule exactly.
 
     Args:
         schedule: a `Schedule` (e.g. `PolynomialDecay(0.0, 0.9, 0, 4)`), a float

@@ -68,7 +68,7 @@ class _InformationLogs:
         if "t_mean" not in s or stats.labels is None:
             return None
         t = s["t_mean"]
-        name = stats.wrapper.layer.name
+        name = stats.extra.get("name", stats.wrapper.layer.name)
         ity = est.layer_mi(t, stats.labels, self.estimator, seed=self.seed)
         ixt = est.gaussian_compression(t, self.noise_var, per_unit=False)
         self._logs[f"I_TY/{name}"] = float(ity)

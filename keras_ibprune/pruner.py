@@ -297,7 +297,7 @@ class Pruner:
                 masks=[ops.convert_to_numpy(m.value) for m in w.masks],
                 labels=None if y is None else np.asarray(y), summary=summaries[i],
                 inputs=acts[i][0], preacts=acts[i][1], outputs=acts[i][2],
-                grads=None if grads is None else grads[i])
+                grads=None if grads is None else grads[i], extra={"name": self.log_name(w)})
             for i, w in enumerate(self.wrappers)
         ]
 
@@ -382,12 +382,18 @@ class Pruner:
         return masks_lib.mask_sparsity(
             [ops.convert_to_numpy(m.value) for w in self.wrappers for m in w.masks])
 
+    def log_name(self, w):
+        """The layer's name in logs: the inner layer's, or the wrapper's where several
+        wrapped layers share a name (e.g. keras_hub repeats names across blocks)."""
+        names = [v.layer.name for v in self.wrappers]
+        return w.layer.name if names.count(w.layer.name) == 1 else w.name
+
     def logs(self):
         """`{"sparsity": overall, "sparsity/<layer>": per layer}` plus the score's logs."""
         out = {"sparsity": self.current_sparsity()}
         for w in self.wrappers:
             ms = [w.unit_mask] if w.granularity == "channel" else w.masks
-            out[f"sparsity/{w.layer.name}"] = masks_lib.mask_sparsity(
+            out[f"sparsity/{self.log_name(w)}"] = masks_lib.mask_sparsity(
                 [ops.convert_to_numpy(m.value) for m in ms])
         if self._channels is not None and self.target != "units":
             out[f"{self.target}_removed"] = self._channels.removed()

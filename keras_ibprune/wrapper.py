@@ -149,16 +149,16 @@ class PruneWrapper(keras.layers.Wrapper):
         if self._masks_built:
             return
         self.masks = []
-        for w in self.prunable_weights:
-            self.masks.append(
-                self.add_weight(
-                    name=f"{w.name}_mask",
-                    shape=tuple(w.shape),
-                    initializer="ones",
-                    trainable=False,
-                    dtype="float32",
-                )
+        for i, w in enumerate(self.prunable_weights):
+            mask = self.add_weight(
+                name=f"{w.name}_mask",
+                shape=tuple(w.shape),
+                initializer="ones",
+                trainable=False,
+                dtype="float32",
             )
+            self.masks.append(mask)
+            _keras_compat.track_for_checkpoint(self, f"mask_{i}", mask)
         if self.granularity == "channel":
             units = self._num_units(input_shape)
             self.unit_mask = self.add_weight(

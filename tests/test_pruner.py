@@ -82,3 +82,27 @@ def test_weights_stay_zero_at_every_step_with_stateful_optimizers(opt, checkpoin
         model.load_weights(path)
         for w in wrappers:
             assert np.mean(w.layer.kernel.numpy() == 0) >= 0.5 - 1e-9, path
+
+
+def test_log_names_stay_unique_when_nested_layers_share_a_name():
+    class Block(keras.layers.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.ff = keras.layers.Dense(8, activation="relu", name="ff")
+
+        def call(self, x):
+            return x + self.ff(x)
+
+    inp = keras.Input((8,))
+    out = keras.layers.Dense(3, name="logits")(Block(name="b1")(Block(name="b0")(inp)))
+    model = kib.prune(keras.Model(inp, out))
+    x, y = _data()
+    pruner = kib.Pruner(model, kib.ConstantSparsity(0.5), held_out=(x, y),
+                        log_information=True)
+    pruner.reset()
+    pruner.update(1.0)
+    logs = pruner.logs()
+    per_layer = [k for k in logs if k.startswith("sparsity/")]
+    assert len(per_layer) == len(pruner.wrappers) == 3
+    assert "sparsity/logits" in logs  # unique names stay as they were
+    assert len([k for k in logs if k.startswith("I_TY/")]) == 3

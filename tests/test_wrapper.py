@@ -288,3 +288,23 @@ def test_training_with_mixed_precision_and_jit(global_policy, policy, jit):
     res = ch(np.ones((2, 3), "float32"))
     assert res.dtype == compute and ch.unit_mask.dtype == "float32"
     assert np.all(np.asarray(res)[:, [1, 3]] == 0)
+
+
+def test_tf_checkpoint_reaches_the_masks(tmp_path):
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.train.Checkpoint is TensorFlow's")
+    import tensorflow as tf
+
+    def build():
+        keras.utils.set_random_seed(0)
+        return kib.prune(keras.Sequential([keras.Input((4,)), L.Dense(8), L.Dense(2)]))
+
+    model = build()
+    for w in kib.stats.find_wrappers(model):
+        m = (np.arange(w.masks[0].shape[0] * w.masks[0].shape[1]) % 3 > 0).astype("float32")
+        w.masks[0].assign(m.reshape(w.masks[0].shape))
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    restored = build()
+    tf.train.Checkpoint(model=restored).restore(path).assert_existing_objects_matched()
+    for a, b in zip(kib.stats.find_wrappers(model), kib.stats.find_wrappers(restored)):
+        np.testing.assert_array_equal(a.masks[0].numpy(), b.masks[0].numpy())
