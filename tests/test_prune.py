@@ -17,6 +17,8 @@ from _cases import (
 import keras_ibprune as kib
 from keras_ibprune.wrapper import PruneWrapper
 
+pytestmark = pytest.mark.jax  # also runs on the JAX backend (.ci/run)
+
 KINDS = list(MODEL_KINDS)
 
 
