@@ -229,3 +229,30 @@ def test_legacy_savedmodel_exports_to_tflite(legacy, tmp_path):
     )
     report = kib.export_tflite(pruned, tmp_path / "legacy.tflite", verify_data=x[:16])
     assert (tmp_path / "legacy.tflite").stat().st_size == report.file_bytes > 0
+
+
+@pytest.mark.slow
+def test_pipelines_doc_runs_as_written(tmp_path):
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "pipelines.md"
+    codes = re.findall(r"```python\n(.*?)\n```", doc.read_text(encoding="utf-8"), re.S)
+    assert len(codes) == 3
+    namespace, out, old = {}, io.StringIO(), os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        with contextlib.redirect_stdout(out):
+            for i, code in enumerate(codes):
+                exec(compile(code, f"<pipelines.md block {i}>", "exec"), namespace)  # noqa: S102
+    finally:
+        os.chdir(old)
+        keras.mixed_precision.set_global_policy("float32")
+    assert kib.sparsity(keras.models.load_model(tmp_path / "pruned.keras")) == pytest.approx(
+        0.5, abs=1e-3
+    )
+    assert "float32 float16" in out.getvalue()
+    assert kib.sparsity(kib.strip_pruning(namespace["mixed"])) == pytest.approx(0.5, abs=1e-3)
+    assert keras.mixed_precision.global_policy().name == "float32"
