@@ -206,7 +206,11 @@ def _check_same(legacy, model, source):
 
 def _convert(legacy, source, custom_objects, compile, verify, safe_mode):
     """tf_keras model -> HDF5 in a temporary directory -> Keras 3 model."""
-    if not getattr(legacy, "_is_graph_network", False):
+    try:
+        graph = "layers" in (legacy.get_config() or {})
+    except NotImplementedError:  # subclassed models without get_config
+        graph = False
+    if not graph:
         raise ValueError(
             "The tf_keras model is a subclassed model (no layer graph in its config), which "
             "cannot be rebuilt without its Python class. Port the class to Keras 3, build it, "
