@@ -22,6 +22,7 @@ from keras_ibprune.export import ExportReport, ExportVerificationError, export_t
 from keras_ibprune.flops import count_flops, count_params
 from keras_ibprune.graph import ChannelGroup, channel_groups
 from keras_ibprune.information import GaussianOBDScore, IBScore, OBSScore
+from keras_ibprune.legacy import load_legacy_model
 from keras_ibprune.metrics import evaluate
 from keras_ibprune.prune import prune, strip_pruning
 from keras_ibprune.pruner import Pruner
@@ -95,6 +96,7 @@ __all__ = [
     "get_prunable_weights",
     "information",
     "is_prunable",
+    "load_legacy_model",
     "masks",
     "obs",
     "plot_information_plane",

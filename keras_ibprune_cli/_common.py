@@ -1,4 +1,4 @@
-"""Helpers shared by the commands: user errors, `.npz` and `.keras` loading, the digits data.
+"""Helpers shared by the commands: user errors, `.npz` and model loading, the digits data.
 
 Nothing here imports Keras or TensorFlow at module level: `--help` and argument errors
 answer before the heavy imports.
@@ -62,13 +62,26 @@ def accuracy(model, x, y):
 
 
 def load_model(path):
-    """Loads a `.keras` file (wrapped or stripped); a clear `CLIError` when it can't."""
-    if not os.path.isfile(path):
-        raise CLIError(f"model file not found. Expected a .keras file. Received: {path}")
+    """Loads a `.keras` file (wrapped or stripped), or a legacy tf_keras `.h5` file or
+    SavedModel directory (`keras_ibprune.load_legacy_model`); a clear `CLIError` when it can't.
+    """
+    expected = "Expected a .keras file, a legacy .h5 file or a tf_keras SavedModel directory"
+    if not os.path.exists(path):
+        raise CLIError(f"model file not found. {expected}. Received: {path}")
     import keras
 
-    import keras_ibprune  # noqa: F401  (registers PruneWrapper for loading)
+    import keras_ibprune as kib  # also registers PruneWrapper for loading
 
+    if os.path.isdir(path) or not str(path).endswith(".keras"):
+        try:
+            return kib.load_legacy_model(path)
+        except (ValueError, ImportError) as err:  # already says what to do
+            raise CLIError(f"cannot load the model: {err}") from err
+        except Exception as err:  # noqa: BLE001 - any load failure is a user-facing error
+            raise CLIError(
+                f"cannot load the model ({type(err).__name__}: {str(err)[:300]}). "
+                f"{expected}. Received: {path}"
+            ) from err
     try:
         return keras.models.load_model(path)
     except Exception as err:  # noqa: BLE001 - any load failure is a user-facing error
@@ -76,6 +89,14 @@ def load_model(path):
             f"cannot load the model ({type(err).__name__}: {str(err)[:300]}). Expected a "
             f".keras file written by `model.save`. Received: {path}"
         ) from err
+
+
+def model_bytes(path):
+    """Size of a model file, or of every file under a SavedModel directory."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names)
 
 
 def load_npz(path, what="data", model=None, need_y=True):

@@ -1,4 +1,7 @@
-"""`keras-ibprune prune`: IB-prune a trained `.keras` model, one-shot or with fine-tuning."""
+"""`keras-ibprune prune`: IB-prune a trained model, one-shot or with fine-tuning.
+
+The model is a `.keras` file or a legacy tf_keras `.h5` file / SavedModel directory.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +11,22 @@ import time
 from keras_ibprune_cli import _common as C
 
 NAME = 'prune'
-HELP = "IB-prune a trained .keras model, one-shot or with fine-tuning"
+HELP = "IB-prune a trained model (.keras, legacy .h5 or SavedModel), one-shot or fine-tuning"
 EPILOG = (
     "examples:\n"
     "  keras-ibprune prune model.keras --data held_out.npz --sparsity 0.9 --out pruned.keras\n"
     "  keras-ibprune prune model.keras --data held_out.npz --sparsity 0.9 \\\n"
-    "      --train train.npz --epochs 4 --out pruned.keras\n\n"
+    "      --train train.npz --epochs 4 --out pruned.keras\n"
+    "  keras-ibprune prune legacy.h5 --data held_out.npz --sparsity 0.8 --out pruned.keras\n\n"
+    "legacy tf_keras files (.h5, SavedModel directories) are read with "
+    "keras_ibprune.load_legacy_model.\n"
     ".npz files hold arrays 'x' and 'y': np.savez('held_out.npz', x=x_val, y=y_val)"
 )
 
 
 def configure(p):
-    p.add_argument("model", help="the trained model, a .keras file")
+    p.add_argument("model", help="the trained model: a .keras file, or a legacy tf_keras .h5 "
+                                 "file or SavedModel directory")
     p.add_argument("--data", required=True, metavar="HELD_OUT.npz",
                    help="held-out data (x, y) the IB scores are computed on")
     p.add_argument("--sparsity", type=float, required=True,
@@ -152,6 +159,6 @@ def run(args):
     if classifier:
         print(f"held-out after:  {C.metrics_line(final, x, y)}")
     size = os.path.getsize(args.out)
-    src = os.path.getsize(args.model)
+    src = C.model_bytes(args.model)
     C.step(4, steps, f"wrote {args.out} ({size:,} bytes; input {src:,} bytes)", start)
     return 0

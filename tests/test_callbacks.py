@@ -27,6 +27,7 @@ def _fit(model, cb, epochs, x=None, y=None, **kw):
     )
 
 
+@pytest.mark.jax
 @pytest.mark.parametrize("kind", list(MODEL_KINDS))
 def test_target_sparsity_reached_exactly_per_layer(kind):
     model = _compile(pruned_model(kind))
@@ -117,6 +118,7 @@ def test_backup_and_restore(tmp_path):
     assert history.history["sparsity"][-1] == pytest.approx(0.8, abs=1e-3)
 
 
+@pytest.mark.jax
 def test_no_wrapper_is_an_error_at_train_begin():
     model = _compile(small_cnn())
     with pytest.raises(ValueError, match="contains no PruneWrapper.*kib.prune"):
@@ -143,6 +145,7 @@ def test_random_score_and_erk_allocation_and_min_density():
     assert per["fc1"] == pytest.approx(0.8, abs=1e-3) and per["conv"] < per["fc1"]
 
 
+@pytest.mark.jax
 def test_pruner_in_a_custom_loop():
     model = kib.prune(small_cnn())
     pruner = kib.Pruner(model, kib.PolynomialDecay(0.0, 0.5, 0, 2))

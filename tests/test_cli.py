@@ -182,6 +182,30 @@ def test_missing_model_and_bad_output_name(files, tmp_path, capsys):
     assert rc == 2 and "must end with '.keras'" in err
 
 
+def test_prune_legacy_tf_keras_files(files, tmp_path, capsys):
+    tf_keras = pytest.importorskip("tf_keras")
+    tf_keras.utils.set_random_seed(0)
+    L = tf_keras.layers
+    legacy = tf_keras.Sequential([L.InputLayer((8, 8, 1)), L.Conv2D(8, 3, name="conv"),
+                                  L.BatchNormalization(), L.ReLU(), L.Flatten(),
+                                  L.Dense(10, name="logits")])
+    # Compiled with a loss object: Keras 3 cannot read that training config back.
+    legacy.compile("adam", tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    legacy.save(tmp_path / "legacy.h5")
+    legacy.save(tmp_path / "legacy_sm", save_format="tf")
+    for src, score in (("legacy.h5", "ib"), ("legacy_sm", "magnitude")):
+        out_path = tmp_path / f"{src}.keras"
+        rc, out, err = run(capsys, "prune", tmp_path / src, "--data", files / "held_out.npz",
+                           "--sparsity", 0.5, "--score", score, "--out", out_path)
+        assert rc == 0, err
+        assert kib.sparsity(loaded(out_path)) == pytest.approx(0.5, abs=1e-3)
+        assert "[4/4] wrote" in out
+    (tmp_path / "not_a_model").mkdir()
+    rc, _, err = run(capsys, "prune", tmp_path / "not_a_model", "--data",
+                     files / "held_out.npz", "--sparsity", 0.5, "--out", tmp_path / "x.keras")
+    assert rc == 2 and "not a SavedModel" in err and "Received:" in err
+
+
 @pytest.mark.slow
 def test_export_float_and_int8(files, tmp_path, capsys):
     pruned = tmp_path / "p.keras"

@@ -80,6 +80,7 @@ def test_saliency_predicts_the_information_actually_lost():
         assert 0.8 < np.median(predicted / np.maximum(actual, 1e-12)) < 1.25, w.name
 
 
+@pytest.mark.jax
 def test_ib_default_reaches_target_with_one_global_threshold(digits, tmp_path):
     x, y = digits
     model = kib.prune(_cnn())

@@ -3,6 +3,8 @@ import pytest
 
 from keras_ibprune import masks
 
+pytestmark = pytest.mark.jax  # also runs on the JAX backend (.ci/run)
+
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 0.99])
 def test_exact_count(sparsity):

@@ -22,6 +22,8 @@ import keras_ibprune as kib
 from keras_ibprune.nested import NestedPruneWrapper
 from keras_ibprune.wrapper import PruneWrapper
 
+pytestmark = pytest.mark.jax  # also runs on the JAX backend (.ci/run)
+
 KINDS = list(MODEL_KINDS)
 
 

@@ -5,6 +5,8 @@ import pytest
 import keras_ibprune as kib
 from keras_ibprune import schedules
 
+pytestmark = pytest.mark.jax  # also runs on the JAX backend (.ci/run)
+
 
 @pytest.mark.parametrize("begin,end", [(0, 4), (1, 4), (2, 5), (0, 3), (3, 10)])
 def test_polynomial_reaches_final_exactly_at_end_of_epoch_end_minus_1(begin, end):

@@ -177,6 +177,7 @@ def test_channel_groups_couplings():
     assert not groups[("out",)].prunable.any() and "model output" in groups[("out",)].reason
 
 
+@pytest.mark.jax
 def test_prune_wrappers_channel_masks():
     prune_mod = pytest.importorskip("keras_ibprune.prune")
     model = residual_cnn()
@@ -201,6 +202,7 @@ def test_weight_masks_only_is_an_error():
         shrink(residual_cnn())
 
 
+@pytest.mark.jax
 def test_unsupported_coupling_names_the_layer():
     inp = keras.Input((5,))
     h = L.Dense(4, name="h")(inp)
@@ -212,6 +214,7 @@ def test_unsupported_coupling_names_the_layer():
     assert not group.prunable.any() and "flip" in group.reason
 
 
+@pytest.mark.jax
 def test_model_output_and_bad_masks():
     model = residual_cnn()
     with pytest.raises(ValueError, match="model output"):
@@ -228,6 +231,7 @@ def test_model_output_and_bad_masks():
         shrink(model, keep={"c4": drop(5, [0])})
 
 
+@pytest.mark.jax
 def test_kept_masked_unit_needs_zero_activation():
     inp = keras.Input((4,))
     a = L.Dense(4, activation="sigmoid", name="a")(inp)

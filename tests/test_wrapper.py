@@ -6,6 +6,8 @@ from _cases import CALL_CASES, CALL_IDS, LAYER_CASES, LAYER_IDS, make_input
 import keras_ibprune as kib
 from keras_ibprune.wrapper import PruneWrapper
 
+pytestmark = pytest.mark.jax  # also runs on the JAX backend (.ci/run)
+
 L = keras.layers
 
 
