@@ -160,6 +160,9 @@ class IBPruning(keras.callbacks.Callback):
             return
         step = self._epoch * self._steps + batch + 1
         if step % self.update_every == 0:
+            # Reading `self.model` makes the JAX trainer write its state back into the
+            # variables mid-epoch (`jax_state_sync`); on TensorFlow it is a plain read.
+            self.pruner.model = self.model
             self.pruner.update(step / self._steps)
 
     def on_epoch_end(self, epoch, logs=None):

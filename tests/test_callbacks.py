@@ -60,6 +60,7 @@ def test_verbose_prints_one_line_per_update(capsys):
     assert len(lines) == 2 and "sparsity 0.5" in lines[-1]
 
 
+@pytest.mark.jax
 def test_update_every_steps():
     model = _compile(kib.prune(small_cnn()))
     cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.6, 0, 1), update_every=1)
@@ -233,6 +234,7 @@ class _MaskSpy(keras.callbacks.Callback):
         self.epochs.append(kib.sparsity(self.model))
 
 
+@pytest.mark.jax
 def test_update_every_n_steps_is_exact_across_epoch_ends():
     model = _compile(kib.prune(small_cnn()))
     cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.8, 0, 3), update_every=3, score="magnitude")
@@ -244,6 +246,7 @@ def test_update_every_n_steps_is_exact_across_epoch_ends():
     assert changed == [3, 6, 9, 12]
 
 
+@pytest.mark.jax
 def test_schedule_start_matches_tfmot_begin_step():
     # begin_epoch = 2: initial_sparsity at the end of epoch 1 (tfmot: at step begin_step).
     model = _compile(kib.prune(small_cnn()))
@@ -262,6 +265,7 @@ def test_schedule_start_matches_tfmot_begin_step():
     assert spy.first == pytest.approx(0.3, abs=2e-3)
 
 
+@pytest.mark.jax
 def test_unreachable_final_sparsity_warns_at_begin_and_end():
     model = _compile(kib.prune(small_cnn()))
     cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.8, 0, 10), score="magnitude")
@@ -281,6 +285,7 @@ def test_unreachable_final_sparsity_warns_at_begin_and_end():
     assert not [w for w in caught if "IBPruning" in str(w.message)]
 
 
+@pytest.mark.jax
 def test_lazily_built_subclassed_model_needs_no_manual_build():
     class Net(keras.Model):
         def __init__(self):
