@@ -48,7 +48,8 @@ def _pool_blocks(scores2d, block):
     return pooled
 
 
-def topk_mask(scores, sparsity, prev_mask=None, monotone=True, block_size=None, keep=None):
+def topk_mask(scores, sparsity, prev_mask=None, monotone=True, block_size=None, keep=None,
+              pattern=None):
     """Returns a 0/1 float32 mask keeping the highest scores.
 
     `round(sparsity * n)` entries (or blocks) are zero, where `n` counts entries (blocks
@@ -66,6 +67,10 @@ def topk_mask(scores, sparsity, prev_mask=None, monotone=True, block_size=None, 
             weight viewed as a `(prod(shape[:-1]), shape[-1])` matrix.
         keep: optional boolean array of the shape of `scores`: entries that must survive
             (e.g. one weight per output unit); a block holding one survives whole.
+        pattern: optional `(N, M)`: N:M sparsity along the inputs (rows of the matrix
+            view): at most `M − N` entries of each group of M consecutive rows of a column
+            are removed (the lowest scores of the group), so the sparsity is capped at
+            `1 − N/M`, where every group keeps exactly its N best entries.
 
     Returns:
         A numpy float32 array of the shape of `scores`.
@@ -90,8 +95,29 @@ def topk_mask(scores, sparsity, prev_mask=None, monotone=True, block_size=None, 
         return full[: mat.shape[0], : mat.shape[1]].reshape(shape).astype(np.float32)
     if forced is not None:
         scores = np.where(forced, np.inf, scores)
+    if pattern is not None:  # entries outside their group's lowest M - N cannot go
+        scores = np.where(_pattern_prunable(_as_matrix(scores), *pattern).reshape(shape),
+                          scores, np.inf)
     kept = _topk_flat(scores.ravel(), sparsity, monotone and prev_mask is not None)
     return kept.reshape(shape).astype(np.float32)
+
+
+def _pattern_prunable(mat, n, m):
+    """Boolean `(rows, cols)`: the entries among the `size − N` lowest of their group of
+    `M` consecutive rows (the last group may be shorter: it keeps `min(size, N)`)."""
+    r, c = mat.shape
+    g = -(-r // m)
+    pad = np.full((g * m, c), np.inf)
+    pad[:r] = mat
+    grp = pad.reshape(g, m, c)
+    order = np.argsort(grp, axis=1, kind="stable")  # ties by position
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(m)[None, :, None], order.shape),
+                      axis=1)
+    sizes = np.full(g, m)
+    sizes[-1] = r - (g - 1) * m
+    prunable = ranks < np.maximum(sizes - n, 0)[:, None, None]
+    return prunable.reshape(g * m, c)[:r]
 
 
 def _topk_flat(flat, sparsity, respect_pruned):

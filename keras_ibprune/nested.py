@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 from keras_ibprune import _keras_compat, registry
-from keras_ibprune.wrapper import PruneWrapper, _single_shape_build
+from keras_ibprune.wrapper import PruneWrapper, _single_shape_build, check_pattern
 
 
 def nested_targets(layer, wanted, skip=frozenset(), path=()):
@@ -125,10 +125,12 @@ class NestedPruneWrapper(keras.layers.Wrapper):
             sublayers (`nested_targets` gives them).
         granularity: `"weight"` or `"channel"`, for each inner `PruneWrapper`.
         block_size: optional weight-mask block, for each inner `PruneWrapper`.
+        pattern: optional N:M sparsity, for each inner `PruneWrapper`.
         **kwargs: base layer keyword arguments (`name`, ...).
     """
 
-    def __init__(self, layer, paths, granularity="weight", block_size=None, **kwargs):
+    def __init__(self, layer, paths, granularity="weight", block_size=None, pattern=None,
+                 **kwargs):
         if isinstance(layer, (keras.Model, PruneWrapper, NestedPruneWrapper)) or not isinstance(
             layer, keras.layers.Layer
         ):
@@ -150,6 +152,7 @@ class NestedPruneWrapper(keras.layers.Wrapper):
         self.paths = paths
         self.granularity = granularity
         self.block_size = block_size
+        self.pattern = pattern
         self._wrapped = False
         self.supports_masking = getattr(layer, "supports_masking", False)
         _keras_compat.copy_call_signature(self, layer)
@@ -167,6 +170,7 @@ class NestedPruneWrapper(keras.layers.Wrapper):
                 child,
                 granularity=self.granularity,
                 block_size=self.block_size,
+                pattern=self.pattern,
                 name="_".join([self.name, *names[1:]]),
             )
             _keras_compat.replace_sublayer(parent, child, wrapper)
@@ -258,6 +262,8 @@ class NestedPruneWrapper(keras.layers.Wrapper):
                 "paths": [list(p) for p in self.paths],
                 "granularity": self.granularity,
                 "block_size": list(self.block_size) if self.block_size else None,
+                "pattern": None if self.pattern is None else "{}:{}".format(
+                    *check_pattern(self.pattern)),
             }
         )
         return config

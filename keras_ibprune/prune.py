@@ -116,7 +116,8 @@ def _selectable(layer, granularity):
     return registry.is_prunable(layer)
 
 
-def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=None):
+def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=None,
+          pattern=None):
     """Wraps the prunable layers of a model (or a layer, or a list of layers).
 
     Prunable layers are found at any depth: in nested Sequential/Functional models (cloned)
@@ -137,6 +138,8 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
             `shrink`; layers of the model graph only).
         block_size: optional `(rows, cols)` block for weight masks over the
             `(inputs, units)` kernel matrix, e.g. `(16, 1)`, which TFLite runs sparse.
+        pattern: optional N:M sparsity for weight masks, e.g. `"2:4"`: at most M − N of
+            every M consecutive inputs of a unit are removed (see `PruneWrapper`).
 
     Returns:
         A new model with the same weights whose prunable layers are wrapped (a
@@ -157,7 +160,7 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
     if isinstance(to_prune, (list, tuple)) or (
         isinstance(to_prune, keras.layers.Layer) and not isinstance(to_prune, keras.Model)
     ):
-        return _prune_layers(to_prune, layers, exclude, granularity, block_size)
+        return _prune_layers(to_prune, layers, exclude, granularity, block_size, pattern)
     if not isinstance(to_prune, keras.Model):
         raise ValueError(
             "`prune` expects a keras.Model (Sequential or Functional), a keras layer or a "
@@ -249,10 +252,12 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
     def clone_fn(layer):
         copy = _copy_layer(layer)
         if id(layer) in plan:
-            return PruneWrapper(copy, granularity=granularity, block_size=block_size)
+            return PruneWrapper(copy, granularity=granularity, block_size=block_size,
+                                pattern=pattern)
         if id(layer) in nested:
             return NestedPruneWrapper(
-                copy, nested[id(layer)], granularity=granularity, block_size=block_size
+                copy, nested[id(layer)], granularity=granularity, block_size=block_size,
+                pattern=pattern,
             )
         return copy
 
@@ -268,7 +273,7 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
     return new_model
 
 
-def _prune_layers(to_prune, layers, exclude, granularity, block_size):
+def _prune_layers(to_prune, layers, exclude, granularity, block_size, pattern=None):
     """tfmot's layer and list forms: a `PruneWrapper` per layer, weights shared."""
     if layers is not None or exclude is not None:
         raise ValueError(
@@ -285,7 +290,7 @@ def _prune_layers(to_prune, layers, exclude, granularity, block_size):
                 f"models]`). Received: to_prune={to_prune!r}"
             )
     wrap = [
-        PruneWrapper(la, granularity=granularity, block_size=block_size)
+        PruneWrapper(la, granularity=granularity, block_size=block_size, pattern=pattern)
         for la in (items if items is not None else [to_prune])
     ]
     return wrap if items is not None else wrap[0]

@@ -231,6 +231,15 @@ class Pruner:
                 max_gram_dim=getattr(self.score, "max_gram_dim", 4096),
                 seed=getattr(self.score, "seed", 0))
         self._outputs = self._output_wrappers()
+        caps = {w.pattern for w in self.wrappers if getattr(w, "pattern", None)}
+        final = float(self.schedule.final_sparsity)
+        for n, m in sorted(caps):
+            if final > 1.0 - n / m + 1e-9:
+                warnings.warn(
+                    f"Pruner: pattern {n}:{m} removes at most {1 - n / m:.0%} of a layer; the "
+                    f"schedule ends at {final:.0%}, so layers with that pattern stop at "
+                    f"{1 - n / m:.0%}. Use a schedule ending at {1 - n / m:g} for exact N:M.",
+                    stacklevel=3)
         self.score.reset()
         self.last_target = self.current_sparsity()
 
@@ -330,7 +339,7 @@ class Pruner:
         if self.granularity == "channel":
             self._channels.update(target, {w.name: sc for w, sc in zip(self.wrappers, scored)})
             return
-        tensors, prev, blocks, owners, keeps = [], [], [], [], []
+        tensors, prev, blocks, owners, keeps, patterns = [], [], [], [], [], []
         for w, st, layer_scores in zip(self.wrappers, stats, scored):
             for j, s in enumerate(layer_scores):
                 s = np.asarray(s, np.float64)
@@ -341,16 +350,22 @@ class Pruner:
                 keeps.append(self._protected(w, s) if j == 0 else None)
                 prev.append(st.masks[j])
                 blocks.append(w.block_size)
+                patterns.append(getattr(w, "pattern", None))
                 owners.append(w)
         live = [i for i, w in enumerate(owners) if not self._is_excluded(w)]
         alloc = [0.0] * len(tensors)
+        for i in [i for i in live if patterns[i] is not None]:
+            alloc[i] = target  # N:M layers: the schedule's level, capped by the pattern
+        live = [i for i in live if patterns[i] is None]
         # The allocation sees protected weights as the most important (they stay).
         ranked = [t if k is None else np.where(k, 1e300, t) for t, k in zip(tensors, keeps)]
-        for i, a in zip(live, self._allocate([ranked[i] for i in live], target,
-                                             min_density=self.min_density)):
-            alloc[i] = a
-        new = [masks_lib.topk_mask(s, a, None if self.regrow else p, not self.regrow, b, keep=kp)
-               for s, a, p, b, kp in zip(tensors, alloc, prev, blocks, keeps)]
+        if live:
+            for i, a in zip(live, self._allocate([ranked[i] for i in live], target,
+                                                 min_density=self.min_density)):
+                alloc[i] = a
+        new = [masks_lib.topk_mask(s, a, None if self.regrow else p, not self.regrow, b,
+                                   keep=kp, pattern=pt)
+               for s, a, p, b, kp, pt in zip(tensors, alloc, prev, blocks, keeps, patterns)]
         k = 0
         for w, st in zip(self.wrappers, stats):
             n = len(w.masks)

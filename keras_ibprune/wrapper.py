@@ -38,6 +38,25 @@ def _check_block_size(block_size):
     return None if bs == (1, 1) else bs
 
 
+def check_pattern(pattern):
+    """`"N:M"` or `(N, M)` -> `(N, M)` with `1 <= N < M`; None stays None."""
+    if pattern is None:
+        return None
+    try:
+        if isinstance(pattern, str):
+            n, m = (int(v) for v in pattern.split(":"))
+        else:
+            n, m = (int(v) for v in pattern)
+    except (TypeError, ValueError):
+        n, m = 0, 0
+    if not 1 <= n < m:
+        raise ValueError(
+            "`pattern` must be None or N:M sparsity with 1 <= N < M, as a string like '2:4' "
+            f"or a pair like (2, 4). Received: pattern={pattern!r}"
+        )
+    return (n, m)
+
+
 def _single_shape_build(layer):
     """Whether `layer.build` takes (at most) one required shape argument."""
     try:
@@ -68,6 +87,11 @@ class PruneWrapper(keras.layers.Wrapper):
             `(prod(shape[:-1]), shape[-1])` = `(inputs, units)`. TFLite executes Dense
             kernels sparse with `(4, 1)` (float) or `(16, 1)` (int8) blocks (4 / 16
             consecutive inputs of one unit); other layouts are stored sparse only.
+        pattern: optional N:M sparsity, `"2:4"` or `(2, 4)`: of every M consecutive
+            inputs of a unit (rows of the `(inputs, units)` matrix) at most M − N are
+            removed, so at the schedule's end (sparsity `1 − N/M`) each group keeps exactly
+            N — the layout sparse tensor cores (2:4) and some NPUs run. The score chooses
+            which N survive in each group. A last, shorter group keeps `min(size, N)`.
         **kwargs: base layer keyword arguments (`name`, ...).
 
     Example:
@@ -79,7 +103,7 @@ class PruneWrapper(keras.layers.Wrapper):
     ```
     """
 
-    def __init__(self, layer, granularity="weight", block_size=None, **kwargs):
+    def __init__(self, layer, granularity="weight", block_size=None, pattern=None, **kwargs):
         if isinstance(layer, PruneWrapper):
             raise ValueError(
                 "The layer is already a PruneWrapper; wrapping it twice is not allowed. "
@@ -114,6 +138,13 @@ class PruneWrapper(keras.layers.Wrapper):
             raise ValueError(
                 "`block_size` applies to granularity='weight' only. Received: "
                 f"granularity={granularity!r}, block_size={block_size!r}"
+            )
+        self.pattern = check_pattern(pattern)
+        if self.pattern is not None and (granularity != "weight" or self.block_size):
+            raise ValueError(
+                "`pattern` (N:M sparsity) applies to granularity='weight' without "
+                f"`block_size`. Received: granularity={granularity!r}, block_size="
+                f"{block_size!r}, pattern={pattern!r}"
             )
         self.masks = []
         self.unit_mask = None
@@ -312,6 +343,7 @@ class PruneWrapper(keras.layers.Wrapper):
             {
                 "granularity": self.granularity,
                 "block_size": list(self.block_size) if self.block_size else None,
+                "pattern": None if self.pattern is None else "{}:{}".format(*self.pattern),
             }
         )
         return config

@@ -88,3 +88,29 @@ def test_topk_keeps_forced_entries_even_above_target(block):
     m = masks.topk_mask(s, 0.99, block_size=block, keep=keep)
     assert np.all(m[0] == 1)
     assert m.sum() == (3 if block is None else 6)  # nothing else survives
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8)])
+def test_pattern_keeps_the_n_best_of_every_group(n, m):
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(18, 5))  # 18 inputs: 4 full groups of 4 + one of 2 (for m=4)
+    mask = masks.topk_mask(s, 1 - n / m, pattern=(n, m))
+    for c in range(s.shape[1]):
+        for g0 in range(0, 18, m):
+            grp, keep = s[g0:g0 + m, c], mask[g0:g0 + m, c]
+            assert keep.sum() == min(len(grp), n)
+            # the survivors are the group's best scores
+            assert grp[keep == 1].min() >= grp[keep == 0].max(initial=-np.inf)
+    # beyond 1 - n/m the pattern caps the sparsity
+    np.testing.assert_array_equal(masks.topk_mask(s, 0.99, pattern=(n, m)), mask)
+
+
+def test_pattern_ramp_is_monotone_and_ends_exactly_n_m():
+    rng = np.random.default_rng(1)
+    mask = np.ones((16, 3), np.float32)
+    for target in (0.1, 0.3, 0.5):
+        new = masks.topk_mask(rng.normal(size=(16, 3)), target, prev_mask=mask, pattern=(2, 4))
+        assert np.all(new[mask == 0] == 0)
+        assert (new == 0).sum() == round(target * 48)
+        mask = new
+    assert np.all(mask.reshape(4, 4, 3).sum(axis=1) == 2)

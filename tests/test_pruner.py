@@ -111,3 +111,26 @@ def test_log_names_stay_unique_when_nested_layers_share_a_name():
     assert len(per_layer) == len(pruner.wrappers) == 3
     assert "sparsity/logits" in logs  # unique names stay as they were
     assert len([k for k in logs if k.startswith("I_TY/")]) == 3
+
+
+@pytest.mark.jax
+def test_n_m_pattern_with_the_ib_score_ends_exactly_n_m(tmp_path):
+    model = kib.prune(_mlp(hidden=32), pattern="2:4")
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(True))
+    x, y = _data(128)
+    cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.5, 0, 2), held_out=(x[:64], y[:64]))
+    model.fit(x[64:], y[64:], batch_size=16, epochs=3, verbose=0, callbacks=[cb])
+    for w in kib.stats.find_wrappers(model):
+        m = w.masks[0].numpy()
+        assert np.all(m.reshape(-1, 4, m.shape[-1]).sum(axis=1) == 2), w.name  # 8 inputs
+    path = tmp_path / "nm.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert [w.pattern for w in kib.stats.find_wrappers(loaded)] == [(2, 4), (2, 4)]
+
+
+def test_pattern_beyond_its_cap_warns():
+    model = kib.prune(_mlp(), pattern=(1, 4))
+    pruner = kib.Pruner(model, kib.ConstantSparsity(0.9), score="magnitude")
+    with pytest.warns(UserWarning, match="pattern 1:4 removes at most 75%"):
+        pruner.reset()
