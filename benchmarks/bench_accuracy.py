@@ -112,6 +112,14 @@ def write(results, args, out, elapsed):
         "digits = scikit-learn 8x8 digits, 1077 / 360 / 360.",
         "",
     ]
+    if args.rerun:
+        lines[2:3] = [
+            f"- Command: `python benchmarks/bench_accuracy.py {' '.join(sys.argv[1:])}`: the "
+            f"methods {args.rerun} were run again (code changed); the other methods' figures "
+            "are kept from the previous full run (`python benchmarks/bench_accuracy.py "
+            "--seeds 3`), on the same dense starts, re-trained and checked identical seed by "
+            "seed.",
+        ]
     bars = _bars(results)
     if bars:
         lines += ["## The bars", "", *bars, ""]
@@ -171,6 +179,10 @@ def main(argv=None):
     p.add_argument("--ramp", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="digits, lenet300, 0.9/0.98, 1 seed")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--rerun", default=None,
+                   help="comma-separated methods to run again; the other methods' figures are "
+                   "kept from OUT/accuracy.json (the dense starts are re-trained and must "
+                   "match the stored ones exactly)")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.data, args.sparsities, args.seeds = "lenet300", "digits", "0.9,0.98", 1
@@ -181,14 +193,30 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     datasets = [d for d in args.data.split(",") if d != "mnist" or _data.mnist_available()]
     results, start = {}, time.time()
+    previous = None
+    if args.rerun:
+        methods = args.rerun.split(",")
+        for m in methods:
+            P.parse(m)
+        previous = json.loads((out / "accuracy.json").read_text())
+        results = json.loads(json.dumps(previous))  # every block, in the stored order
     for data_name in datasets:
         data = _data.splits(data_name)
         for model_name in args.models.split(","):
             key = f"{model_name}/{data_name}"
             block = results.setdefault(key, {"dense": [], "methods": {m: {} for m in methods}})
+            if previous is not None:  # keep the other methods' cells, replace these
+                block["dense"] = []
+                for m in methods:
+                    block["methods"][m] = {}
             for seed in range(args.seeds):
                 dense = P.train_dense(model_name, data[0], seed, args.dense_epochs)
                 block["dense"].append(float(dense.evaluate(*data[2], verbose=0)[1]))
+                if previous is not None and block["dense"][-1] != previous[key]["dense"][seed]:
+                    raise SystemExit(
+                        f"{key} seed {seed}: the dense start differs from the stored run "
+                        f"({block['dense'][-1]} vs {previous[key]['dense'][seed]}); run the "
+                        "whole benchmark instead of --rerun.")
                 for s in [float(v) for v in args.sparsities.split(",")]:
                     for m in methods:
                         r = P.run(m, dense, model_name, data, s, seed, args.prune_epochs,
