@@ -251,10 +251,11 @@ def format_report(report):
 
     rows = [
         ("file", report.path),
-        ("quantize / sparse", f"{report.quantize or 'none (float32)'} / {report.sparse}"),
-        ("file bytes", fmt(report.file_bytes, ",")),
-        ("gzip bytes", fmt(report.gzip_bytes, ",")),
-        ("dense bytes (same quantization)", fmt(report.dense_bytes, ",")),
+        ("quantize / encoding", f"{report.quantize or 'none (float32)'} / "
+                                f"{'sparse' if report.sparse else 'dense'}"),
+        ("file bytes / gzip", f"{fmt(report.file_bytes, ',')} / {fmt(report.gzip_bytes, ',')}"),
+        ("dense encoding bytes / gzip", f"{fmt(report.dense_bytes, ',')} / "
+                                        f"{fmt(getattr(report, 'dense_gzip_bytes', None), ',')}"),
         ("dense float32 bytes", fmt(report.dense_float_bytes, ",")),
         ("size vs dense float32", fmt(report.size_ratio, ".4f")),
         ("params / nonzero", f"{fmt(report.params, ',')} / {fmt(report.nonzero_params, ',')}"),

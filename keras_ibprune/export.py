@@ -43,12 +43,12 @@ class ExportVerificationError(RuntimeError):
 class ExportReport:
     """What `export_tflite` wrote, and how it compares with the Keras model.
 
-    Sizes are in bytes. `dense_bytes` is the same model and quantization
-    exported without sparse encoding; `dense_float_bytes` the plain float32
-    export. `tensors` lists the weights as stored in the flatbuffer (see
-    `keras_ibprune._tflite_inspect.inspect_tflite`). `latency_ms` is the median
-    single-thread latency per inference (batch 1) in the interpreter. `inputs` and
-    `outputs` list the file's signature tensors (`name`, `shape`, `dtype`,
+    Sizes are in bytes. `dense_bytes` / `dense_gzip_bytes` are the same model and
+    quantization exported without sparse encoding (raw / gzip -9); `dense_float_bytes` the
+    plain float32 export; `sparse` says which encoding the file uses. `tensors` lists the
+    weights as stored in the flatbuffer (see `keras_ibprune._tflite_inspect.inspect_tflite`).
+    `latency_ms` is the median single-thread latency per inference (batch 1) in the
+    interpreter. `inputs` and `outputs` list the file's signature tensors (`name`, `shape`, `dtype`,
     `quantization`); verified outputs also carry their `max_abs_diff` and
     `top1_agreement`, and the top-level figures are the worst over outputs.
     """
@@ -59,6 +59,7 @@ class ExportReport:
     file_bytes: int
     gzip_bytes: int
     dense_bytes: int | None = None
+    dense_gzip_bytes: int | None = None
     dense_float_bytes: int | None = None
     ops: list = dataclasses.field(default_factory=list)
     tensors: list = dataclasses.field(default_factory=list)
@@ -298,7 +299,11 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
             or without `PruneWrapper` layers. Several inputs and outputs are fine;
             float inputs are float32 in the file and integer inputs (token ids) int32.
         filepath: Destination path; its directory must exist.
-        sparse: Store sparse weights with TFLite's sparse tensor encoding.
+        sparse: `True`: store sparse weights with TFLite's sparse tensor encoding;
+            `False`: dense encoding; `"auto"`: convert both and keep the one that is
+            smaller once gzip-compressed (the download size; the sparse encoding's index
+            arrays can outweigh its savings on small or lightly pruned models), with a note
+            giving both sizes.
         quantize: None, `"dynamic"` (int8 weights), `"float16"` or `"int8"`
             (full integer, needs `representative_data`).
         representative_data: Inputs (batch first) used to calibrate `"int8"`; the
@@ -336,6 +341,9 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
     print(report)
     ```
     """
+    if sparse not in (True, False, "auto"):
+        raise ValueError("`sparse` must be True, False or 'auto'. Received: "
+                         f"sparse={sparse!r}")
     if quantize not in _QUANTIZE_MODES:
         raise ValueError(f"`quantize` must be one of {_QUANTIZE_MODES}. "
                          f"Received: quantize={quantize!r}")
@@ -365,12 +373,23 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
             verified_on = (f"32 random N(0, 1) inputs{' (integer ids 0/1)' if ints else ''}, "
                            "NOT real data (pass verify_data= to verify on your inputs)")
 
-    tflite = _convert(model, inputs, sparse, quantize, representative, io_dtype)
+    dense_file = None
+    if sparse in (False, "auto") or compare_dense:
+        dense_file = _convert(model, inputs, False, quantize, representative, io_dtype)
+    tflite = dense_file
     if sparse:
+        tflite = _convert(model, inputs, True, quantize, representative, io_dtype)
         tflite, inserted = _tflite_inspect.densify_unsupported_sparse_inputs(tflite)
         if inserted:
             notes.append(f"inserted {inserted} DENSIFY op(s): the converter fed sparse "
                          "weights to kernels that misread them (see _tflite_inspect)")
+    dense_gzip = None if dense_file is None else len(gzip.compress(dense_file, 9))
+    if sparse == "auto":
+        sparse_gzip = len(gzip.compress(tflite, 9))
+        sparse = sparse_gzip < dense_gzip
+        notes.append(f"sparse='auto': {'sparse' if sparse else 'dense'} encoding kept "
+                     f"(gzip: sparse {sparse_gzip:,} B, dense {dense_gzip:,} B)")
+        tflite = tflite if sparse else dense_file
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".kib-", suffix=".tflite.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -394,8 +413,7 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
         report.interpreter = runner.name
         report.notes.extend(runner.notes)
         if compare_dense:
-            report.dense_bytes = len(tflite) if not sparse else len(
-                _convert(model, inputs, False, quantize, representative, io_dtype))
+            report.dense_bytes, report.dense_gzip_bytes = len(dense_file), dense_gzip
             report.dense_float_bytes = report.dense_bytes if quantize is None else len(
                 _convert(model, inputs, False, None, None, "float32"))
         umask = os.umask(0)

@@ -24,8 +24,10 @@ def configure(p):
     p.add_argument("--data", metavar="DATA.npz",
                    help="inputs 'x' for int8 calibration and verification; with 'y' also "
                         "accuracy/precision/recall/F1 of Keras and TFLite")
-    p.add_argument("--dense", action="store_true",
-                   help="do not use TFLite's sparse tensor encoding")
+    p.add_argument("--encoding", default="auto", choices=["auto", "sparse", "dense"],
+                   help="weight encoding: TFLite's sparse tensors, dense, or 'auto' (default): "
+                        "whichever is smaller once gzip-compressed")
+    p.add_argument("--dense", action="store_true", help="same as --encoding dense")
     p.add_argument("--latency-runs", type=int, default=50,
                    help="timed interpreter runs (0 to skip)")
     p.add_argument("--tolerance", type=float, default=None,
@@ -50,10 +52,12 @@ def run(args):
         x, y = C.load_npz(args.data, "--data", model, need_y=False)
     C.step(1, 3, f"loaded '{model.name}'" + (f" and {len(x)} samples" if x is not None else ""),
           start)
-    print(f"      converting (quantize={quantize or 'none'}, sparse={not args.dense}), "
+    encoding = "dense" if args.dense else args.encoding
+    sparse = {"auto": "auto", "sparse": True, "dense": False}[encoding]
+    print(f"      converting (quantize={quantize or 'none'}, encoding={encoding}), "
           "verifying against Keras, timing ...", flush=True)
     try:
-        report = kib.export_tflite(model, args.out, sparse=not args.dense, quantize=quantize,
+        report = kib.export_tflite(model, args.out, sparse=sparse, quantize=quantize,
                                representative_data=x, verify_data=x,
                                latency_runs=args.latency_runs, tolerance=args.tolerance,
                                min_agreement=args.min_agreement)

@@ -295,8 +295,8 @@ def test_report_is_serializable_and_printable(pruned, data, tmp_path):
     assert as_dict["op_counts"]["DENSIFY"] == report.ops.count("DENSIFY")
     assert as_dict["size_ratio"] == pytest.approx(report.file_bytes / report.dense_float_bytes)
     text = str(report)
-    for needle in ("file bytes", "gzip bytes", "top-1 agreement", "sparse block 1x4", "DENSIFY",
-                   "verified on", "verify_data (16 samples)"):
+    for needle in ("file bytes / gzip", "dense encoding bytes / gzip", "top-1 agreement",
+                   "sparse block 1x4", "DENSIFY", "verified on", "verify_data (16 samples)"):
         assert needle in text
 
 
@@ -385,3 +385,22 @@ def test_two_inputs_bad_verify_data_is_named(tmp_path):
     assert not os.path.exists(tmp_path / "m.tflite")
     report = export_tflite(model, tmp_path / "m.tflite", **FAST)  # random ids 0/1
     assert "integer ids" in report.verified_on
+
+
+def test_sparse_auto_keeps_the_encoding_smaller_once_gzipped(pruned, data, tmp_path):
+    report = export_tflite(pruned, tmp_path / "a.tflite", sparse="auto", latency_runs=0,
+                           verify_data=data[0][:32])
+    assert report.dense_gzip_bytes is not None
+    chosen, other = report.gzip_bytes, report.dense_gzip_bytes
+    assert chosen <= other  # the dense encoding is a candidate, so never worse
+    assert report.sparse == (chosen < other)
+    assert any("sparse='auto'" in n for n in report.notes)
+    # A barely pruned model: the index arrays do not pay off once compressed.
+    keras.utils.set_random_seed(3)
+    plain = _build()
+    plain(data[0][:1])
+    rep = export_tflite(plain, tmp_path / "p.tflite", sparse="auto", latency_runs=0,
+                        verify_data=data[0][:32])
+    assert not rep.sparse and rep.gzip_bytes == rep.dense_gzip_bytes
+    with pytest.raises(ValueError, match="Received: sparse='yes'"):
+        export_tflite(plain, tmp_path / "x.tflite", sparse="yes")
