@@ -75,8 +75,9 @@ def run_worker(workdir, epochs, sparsity, kill_after=None, single=False):
         optimizer = keras.optimizers.Adam(2e-3)
         optimizer.build(model.trainable_variables)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    # `tf.train.Checkpoint(model=model)` does not reach a Keras 3 model's variables (the
-    # masks would be lost); list them: weights, masks, optimizer state, epoch counter.
+    # Every variable, listed: weights, masks, BatchNorm statistics, optimizer state, epoch.
+    # (`tf.train.Checkpoint(model=model)` reaches the masks too since 0.3; a flat list does
+    # not depend on how layers hold their variables.)
     ckpt = tf.train.Checkpoint(variables=list(model.variables),
                                optimizer_variables=list(optimizer.variables), epoch=epoch_var)
     # Every worker must write (collectives); only worker 0's directory is the real one.

@@ -370,8 +370,7 @@ class Runner:
         self._batch = batch
 
     def _keyed(self, x):
-        """`x` (one array, a dict by input name, or a list in the file's input order) as
-        `{input name: array}`."""
+        """`x` (one array, or a dict by input name) as `{input name: array}`."""
         names = list(self.inputs)
         if isinstance(x, dict):  # model input names as `export_tflite` spells them
             x = {k if k in self.inputs else re.sub(r"\W", "_", str(k)): v for k, v in x.items()}
@@ -380,10 +379,14 @@ class Runner:
                                  f"keyed {list(x)}")
             return {k: np.asarray(x[k]) for k in names}
         if isinstance(x, (list, tuple)):
-            if len(x) != len(names):
-                raise ValueError(f"The .tflite file has {len(names)} inputs {names}. "
-                                 f"Received: {len(x)} arrays")
-            return {k: np.asarray(v) for k, v in zip(names, x)}
+            if len(x) != len(names) or len(names) > 1:
+                # The file's signature order is not the model's input order (often sorted):
+                # a list could silently swap two inputs of the same shape.
+                raise ValueError(
+                    f"The .tflite file has {len(names)} input(s) {names}: pass a dict keyed "
+                    f"by those names (a list's order is ambiguous). Received: a list of "
+                    f"{len(x)} arrays")
+            return {names[0]: np.asarray(x[0])}
         if len(names) != 1:
             raise ValueError(f"The .tflite file has {len(names)} inputs {names}: pass a dict "
                              "keyed by those names. Received: one array")

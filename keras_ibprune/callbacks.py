@@ -7,6 +7,7 @@ and its constructor arguments are accepted here unchanged.
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 
@@ -21,9 +22,12 @@ class IBPruning(keras.callbacks.Callback):
     """Keras callback that prunes the `PruneWrapper`s of the model during `fit`.
 
     Masks update at epoch ends (`update_every="epoch"`) or exactly every `N` training
-    steps (`update_every=N`, counted over the whole fit, epoch ends not included), following
-    the schedule; a schedule starting at `begin_epoch=0` also updates once before the first
-    step (tfmot's step 0). A subclassed model that Keras builds lazily inside `fit` needs no
+    steps (`update_every=N`, counted over the whole fit, epoch ends not included; a schedule
+    point between two such steps — `OneShot`, an `Iterative` cycle end, the end of a
+    `PolynomialDecay` ramp — is applied at the next one; with `steps_per_execution=k`, at
+    the first reported step at or after each multiple of N), following the schedule; a
+    schedule starting at `begin_epoch=0` also updates once before the first step (tfmot's
+    step 0). A subclassed model that Keras builds lazily inside `fit` needs no
     manual build: the callback starts after the first step. A warning says when the fit's
     epochs cannot reach the schedule's final sparsity (at train begin and end). The epoch
     logs get `sparsity` (the fraction of zeros over the *pruned* tensors, as scheduled) and
@@ -75,6 +79,7 @@ class IBPruning(keras.callbacks.Callback):
         self._epoch = 0
         self._first_epoch = None
         self._ready = False
+        self._last_step, self._last_t = 0, None
 
     @property
     def log_information(self):
@@ -95,6 +100,7 @@ class IBPruning(keras.callbacks.Callback):
         self._epoch = 0
         self._first_epoch = None
         self._ready = False
+        self._last_step, self._last_t = 0, None
         self.pruner.model = self.model
         _check_strategy(self.model)
         if self.update_every != "epoch" and not self._steps:
@@ -120,32 +126,50 @@ class IBPruning(keras.callbacks.Callback):
     def _step_updates(self):
         return self.update_every != "epoch" and bool(self._steps)
 
+    def _grid(self, t_end):
+        """Progress points at which this callback evaluates the schedule, up to `t_end`."""
+        if not self._step_updates():
+            return [float(t) for t in range(0, int(math.floor(t_end + 1e-9)) + 1)]
+        n, steps = self.update_every, self._steps
+        return [k * n / steps for k in range(0, int(math.floor(t_end * steps / n + 1e-9)) + 1)]
+
+    def _best_reachable(self, t_end):
+        """The highest target this callback applies on its grid up to progress `t_end`
+        (schedule points between grid points count: they are applied at the next one)."""
+        sched = self.pruner.schedule
+        grid = self._grid(t_end)
+        if len(grid) > 2000:  # tfmot schedules cost ~ms per evaluation: sample the grid
+            grid = grid[:: len(grid) // 1000] + grid[-200:]
+        last = grid[-1] if grid else 0.0
+        points = [t for t in grid if sched.is_update(t)]
+        points += [float(t) for t in range(0, int(math.floor(last + 1e-9)) + 1)
+                   if sched.is_update(t)]
+        return max((float(sched(t)) for t in points), default=0.0)
+
     def _warn_unreachable(self):
         """Warns when this fit's epochs end before the schedule's final sparsity."""
         sched, epochs = self.pruner.schedule, self._epochs
         if not epochs:
             return
         final = float(sched.final_sparsity)
-        if self._step_updates():
-            n = self.update_every
-            points = [k * n / self._steps for k in range(0, epochs * self._steps // n + 1)]
-        else:
-            points = list(range(0, epochs + 1))
-        reached = [float(sched(t)) for t in points if sched.is_update(t)]
-        best = max(reached, default=self.pruner.current_sparsity())
+        best = self._best_reachable(float(epochs))
         if best < final - 1e-6:
             end = getattr(sched, "end_epoch", None)
             when = f" at progress {end} epochs" if end is not None else ""
+            grid = (f" with update_every={self.update_every} steps"
+                    if self._step_updates() else "")
             warnings.warn(
                 f"IBPruning: the schedule reaches its final sparsity {final:g}{when}, but "
-                f"this fit runs {epochs} epochs: pruning will stop at {best:.4g}. Fit for "
-                "more epochs, end the schedule earlier, or go on later with `fit(..., "
+                f"this fit runs {epochs} epochs{grid}: pruning will stop at {best:.4g}. Fit "
+                "for more epochs, end the schedule earlier, or go on later with `fit(..., "
                 "initial_epoch=...)`.", stacklevel=3)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         if self._first_epoch is None:
             self._first_epoch = epoch
+            self._last_step = epoch * (self._steps or 0)
+            self._last_t = float(epoch)
             if epoch == 0 and self._ready:
                 self.pruner.update(0.0)  # t = 0: a schedule starting at begin_epoch=0
 
@@ -158,12 +182,27 @@ class IBPruning(keras.callbacks.Callback):
                 self.pruner.update(0.0)  # the t = 0 update, one step late (lazy build)
         if not self._step_updates():
             return
+        # `batch` is the last step done (with steps_per_execution > 1 Keras reports every
+        # k-th step only): act when a multiple of N was reached since the last call.
         step = self._epoch * self._steps + batch + 1
-        if step % self.update_every == 0:
-            # Reading `self.model` makes the JAX trainer write its state back into the
-            # variables mid-epoch (`jax_state_sync`); on TensorFlow it is a plain read.
-            self.pruner.model = self.model
-            self.pruner.update(step / self._steps)
+        n = self.update_every
+        previous, self._last_step = self._last_step, step
+        if step // n == previous // n:
+            return
+        t = (step // n) * n / self._steps
+        # Reading `self.model` makes the JAX trainer write its state back into the
+        # variables mid-epoch (`jax_state_sync`); on TensorFlow it is a plain read.
+        self.pruner.model = self.model
+        sched = self.pruner.schedule
+        if sched.is_update(t):
+            self.pruner.update(t)
+        else:  # a schedule point between two grid steps (OneShot, Iterative, the ramp's end)
+            crossed = [float(k) for k in range(int(math.floor(self._last_t)) + 1,
+                                               int(math.floor(t + 1e-9)) + 1)
+                       if k > self._last_t + 1e-9 and sched.is_update(k)]
+            if crossed:
+                self.pruner.update(crossed[-1])
+        self._last_t = t
 
     def on_epoch_end(self, epoch, logs=None):
         if not self._ready:
@@ -179,11 +218,14 @@ class IBPruning(keras.callbacks.Callback):
             return
         self.pruner.rezero()
         final = float(self.pruner.schedule.final_sparsity)
-        if self.pruner.last_target < final - 1e-6:
+        t_end = (self._last_t if self._step_updates() and self._last_t is not None
+                 else float(self._epoch + 1))
+        reached = self._best_reachable(t_end)
+        if reached < final - 1e-6:
             warnings.warn(
-                f"IBPruning: training ended at target sparsity {self.pruner.last_target:.4g}, "
-                f"below the schedule's final sparsity {final:g}. Fit on with "
-                "`initial_epoch=` to finish the schedule.", stacklevel=2)
+                f"IBPruning: training ended at target sparsity {reached:.4g}, below the "
+                f"schedule's final sparsity {final:g}. Fit on with `initial_epoch=` to finish "
+                "the schedule.", stacklevel=2)
 
     def get_config(self):
         config = self.pruner.get_config()
@@ -205,7 +247,8 @@ def _check_strategy(model):
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return
     resolver = getattr(strategy, "cluster_resolver", None)
-    workers = len(resolver.cluster_spec().as_dict().get("worker", [])) if resolver else 1
+    jobs = resolver.cluster_spec().as_dict() if resolver else {}
+    workers = len(jobs.get("worker", [])) + len(jobs.get("chief", [])) if resolver else 1
     if workers > 1:
         raise RuntimeError(
             "Keras 3's `fit` does not run under MultiWorkerMirroredStrategy with several "

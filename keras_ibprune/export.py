@@ -441,16 +441,16 @@ def _verify(model, runner, x, inputs, quantize, tolerance, min_agreement, report
     if not isinstance(actual, dict):
         actual, single = {names[0]: actual}, {names[0]: single}
     if set(actual) != set(names):
-        raise ExportVerificationError(f"TFLite outputs {sorted(actual)} != Keras outputs "
-                                      f"{sorted(names)}.")
+        raise ExportVerificationError(f"Expected the TFLite file's outputs to be the Keras "
+                                      f"model's {sorted(names)}. Received: {sorted(actual)}")
     n = heldout.num_samples(x)
     report.verify_samples, failures = n, []
     rows = {row["name"]: row for row in report.outputs}
     for name, exp in zip(names, expected):
         act = actual[name]
         if act.shape != exp.shape:
-            raise ExportVerificationError(f"TFLite output shape {act.shape} != Keras output "
-                                          f"shape {exp.shape}.")
+            raise ExportVerificationError(f"Expected TFLite output '{name}' of the Keras "
+                                          f"shape {exp.shape}. Received: shape {act.shape}")
         # Kernels can differ between batch 1 and larger batches: keep the worse of the two.
         worse = np.abs(single[name] - exp[:8]) > np.abs(act[:8] - exp[:8])
         act[:8] = np.where(worse, single[name], act[:8])

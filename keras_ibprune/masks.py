@@ -96,8 +96,8 @@ def topk_mask(scores, sparsity, prev_mask=None, monotone=True, block_size=None, 
     if forced is not None:
         scores = np.where(forced, np.inf, scores)
     if pattern is not None:  # entries outside their group's lowest M - N cannot go
-        scores = np.where(_pattern_prunable(_as_matrix(scores), *pattern).reshape(shape),
-                          scores, np.inf)
+        prunable = _pattern_prunable(_as_matrix(scores), *pattern).reshape(shape)
+        scores = np.where(prunable | (scores == -np.inf), scores, np.inf)  # pruned stay
     kept = _topk_flat(scores.ravel(), sparsity, monotone and prev_mask is not None)
     return kept.reshape(shape).astype(np.float32)
 

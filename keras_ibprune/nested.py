@@ -170,7 +170,7 @@ class NestedPruneWrapper(keras.layers.Wrapper):
                 child,
                 granularity=self.granularity,
                 block_size=self.block_size,
-                pattern=self.pattern,
+                pattern=None,  # N:M masks apply to top-level Dense/Conv layers only
                 name="_".join([self.name, *names[1:]]),
             )
             _keras_compat.replace_sublayer(parent, child, wrapper)

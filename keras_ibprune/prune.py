@@ -11,6 +11,8 @@ layers inside them (`self.fc = kib.PruneWrapper(keras.layers.Dense(10))`);
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 
@@ -22,7 +24,7 @@ from keras_ibprune.nested import (
     warn_left_dense,
 )
 from keras_ibprune.stats import find_wrappers
-from keras_ibprune.wrapper import PruneWrapper
+from keras_ibprune.wrapper import PruneWrapper, check_pattern, supports_pattern
 
 
 def _is_graph_model(model):
@@ -139,7 +141,9 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
         block_size: optional `(rows, cols)` block for weight masks over the
             `(inputs, units)` kernel matrix, e.g. `(16, 1)`, which TFLite runs sparse.
         pattern: optional N:M sparsity for weight masks, e.g. `"2:4"`: at most M − N of
-            every M consecutive inputs of a unit are removed (see `PruneWrapper`).
+            every M consecutive inputs of a unit are removed (see `PruneWrapper`). Applies
+            to Dense and Conv layers; other wrapped layers get unstructured masks (a warning
+            names them).
 
     Returns:
         A new model with the same weights whose prunable layers are wrapped (a
@@ -248,12 +252,19 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
             for v in registry.get_prunable_weights(la)
         }
         warn_left_dense(to_prune, left_dense(to_prune, plan, skip, covered))
+    if check_pattern(pattern) is not None:
+        unpatterned = [la.name for la in all_layers if id(la) in plan and not supports_pattern(la)]
+        unpatterned += [f"layers inside {la.name}" for la in all_layers if id(la) in nested]
+        if unpatterned:
+            warnings.warn(
+                f"prune: pattern={pattern!r} (N:M along the inputs) applies to Dense and Conv "
+                f"layers; these get unstructured masks instead: {unpatterned}", stacklevel=2)
 
     def clone_fn(layer):
         copy = _copy_layer(layer)
         if id(layer) in plan:
             return PruneWrapper(copy, granularity=granularity, block_size=block_size,
-                                pattern=pattern)
+                                pattern=pattern if supports_pattern(copy) else None)
         if id(layer) in nested:
             return NestedPruneWrapper(
                 copy, nested[id(layer)], granularity=granularity, block_size=block_size,

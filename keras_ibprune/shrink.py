@@ -222,10 +222,12 @@ def _rebuild(graph, keep, plan):
                         new.set_weights(vals)
                 cache[id(rec.op)] = new
         except (ValueError, IndexError, TypeError) as e:
+            shapes = [tuple(getattr(a, "shape", ())) for a in keras.tree.flatten(args)]
             raise ValueError(
                 f"shrink cannot rebuild layer '{rec.key}' ({type(rec.layer).__name__}) with "
                 f"its channels removed: {e}. Keep the channels it reads (see "
-                "`kib.channel_groups`) or report the layer type."
+                "`kib.channel_groups`) or report the layer type. Received: inputs of shape "
+                f"{shapes}"
             ) from e
         for i, y in zip(rec.outs, keras.tree.flatten(outs)):
             tmap[i] = y
@@ -334,16 +336,19 @@ def _channelwise(rec, cfg, values, args, kwargs):
     sized = {k: new_width for k, v in cfg.items() if type(v) is int and v == old}
     if sized and new_width != old:
         candidates.append({**cfg, **sized})
+    got = []
     for c in candidates:
         new = type(rec.layer).from_config(c)
         new.build(tuple(args[0].shape))
-        if [tuple(w.shape) for w in new.weights] == [v.shape for v in values]:
+        got = [tuple(w.shape) for w in new.weights]
+        if got == [v.shape for v in values]:
             new.set_weights(values)
             return new, new(*args, **kwargs)
     raise ValueError(
         f"layer '{rec.key}' ({type(rec.layer).__name__}) does not rebuild with "
-        f"{new_width} channels from its config (weights of shape "
-        f"{[v.shape for v in values]} expected)"
+        f"{new_width} channels from its config: weights of shape "
+        f"{[tuple(v.shape) for v in values]} expected. Received: a rebuilt layer with weights "
+        f"of shape {got}"
     )
 
 

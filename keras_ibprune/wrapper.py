@@ -57,6 +57,17 @@ def check_pattern(pattern):
     return (n, m)
 
 
+def supports_pattern(layer):
+    """Whether N:M `pattern` masks apply to `layer`: Dense and Conv1D/2D/3D with
+    `groups=1`, whose kernel is `(..., inputs, units)` with the inputs last but one."""
+    L = keras.layers
+    return (isinstance(layer, (L.Dense, L.Conv1D, L.Conv2D, L.Conv3D))
+            and not isinstance(layer, (L.Conv1DTranspose, L.Conv2DTranspose,
+                                       L.Conv3DTranspose, L.DepthwiseConv1D,
+                                       L.DepthwiseConv2D, L.SeparableConv1D, L.SeparableConv2D))
+            and getattr(layer, "groups", 1) == 1)
+
+
 def _single_shape_build(layer):
     """Whether `layer.build` takes (at most) one required shape argument."""
     try:
@@ -140,6 +151,14 @@ class PruneWrapper(keras.layers.Wrapper):
                 f"granularity={granularity!r}, block_size={block_size!r}"
             )
         self.pattern = check_pattern(pattern)
+        if self.pattern is not None and not supports_pattern(layer):
+            raise ValueError(
+                "`pattern` (N:M sparsity along the inputs) applies to Dense and Conv1D/2D/3D "
+                "layers (groups=1), whose kernel is `(..., inputs, units)`; other kernels "
+                "(EinsumDense, MultiHeadAttention, depthwise, transposed) lay their input axis "
+                f"out differently. Received: layer={layer.name!r} of type "
+                f"{type(layer).__name__}, pattern={pattern!r}"
+            )
         if self.pattern is not None and (granularity != "weight" or self.block_size):
             raise ValueError(
                 "`pattern` (N:M sparsity) applies to granularity='weight' without "

@@ -301,3 +301,41 @@ def test_lazily_built_subclassed_model_needs_no_manual_build():
     _fit(model, kib.IBPruning(kib.PolynomialDecay(0.0, 0.5, 0, 2), score="magnitude"),
          epochs=3)
     assert kib.sparsity(model) == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("schedule,final", [
+    (kib.OneShot(0.5, epoch=0), 0.5),
+    (kib.Iterative(0.75, cycles=2, epochs_per_cycle=1), 0.75),
+    (kib.PolynomialDecay(0.0, 0.8, 0, 2), 0.8),
+])
+def test_update_every_n_applies_points_between_grid_steps(schedule, final):
+    model = _compile(kib.prune(small_cnn()))
+    cb = kib.IBPruning(schedule, update_every=3, score="magnitude")
+    x, y = data(80)  # 10 steps per epoch: 3 does not divide them
+    model.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False, callbacks=[cb])
+    assert kib.sparsity(model) == pytest.approx(final, abs=2e-3)
+
+
+def test_update_every_with_steps_per_execution():
+    model = kib.prune(small_cnn())
+    model.compile(keras.optimizers.Adam(1e-2),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=2)
+    spy = _MaskSpy()
+    cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.6, 0, 2), update_every=3, score="magnitude")
+    x, y = data(48)  # 6 steps per epoch, reported every 2
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[cb, spy])
+    assert len(set(spy.steps)) >= 4  # updates at steps 4, 6, 10, 12 (first report >= 3k)
+    assert kib.sparsity(model) == pytest.approx(0.6, abs=2e-3)
+
+
+def test_resuming_after_the_schedule_ended_does_not_warn():
+    import warnings
+
+    model = _compile(kib.prune(small_cnn()))
+    sched = kib.PolynomialDecay(0.0, 0.9, 0, 2)
+    _fit(model, kib.IBPruning(sched, score="magnitude"), epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(model, kib.IBPruning(sched, score="magnitude"), epochs=4, initial_epoch=3)
+    assert not [w for w in caught if "IBPruning" in str(w.message)]

@@ -114,3 +114,11 @@ def test_pattern_ramp_is_monotone_and_ends_exactly_n_m():
         assert (new == 0).sum() == round(target * 48)
         mask = new
     assert np.all(mask.reshape(4, 4, 3).sum(axis=1) == 2)
+
+
+def test_pattern_never_revives_pruned_entries():
+    s = np.arange(8, dtype=float).reshape(8, 1)
+    prev = np.zeros((8, 1), np.float32)
+    prev[5] = 1  # 7 of 8 pruned before the pattern: more than 4 - 2 per group
+    m = masks.topk_mask(s, 0.5, prev_mask=prev, pattern=(2, 4))
+    np.testing.assert_array_equal(m, prev)

@@ -441,3 +441,15 @@ def test_keras_wrapper_layers_are_entered(make, shape, tmp_path):
     pruned.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), masked, atol=1e-6)
+
+
+def test_pattern_applies_to_dense_and_conv_only():
+    inp = keras.Input((6, 8))
+    h = keras.layers.MultiHeadAttention(2, 4, name="mha")(inp, inp)
+    out = keras.layers.Dense(3, name="fc")(keras.layers.Flatten()(h))
+    with pytest.warns(UserWarning, match=r"unstructured masks instead: \['mha'\]"):
+        pruned = kib.prune(keras.Model(inp, out), pattern="2:4")
+    by_name = {w.layer.name: w for w in kib.stats.find_wrappers(pruned)}
+    assert by_name["fc"].pattern == (2, 4) and by_name["mha"].pattern is None
+    with pytest.raises(ValueError, match="applies to Dense and Conv1D/2D/3D.*Received: layer="):
+        kib.PruneWrapper(keras.layers.MultiHeadAttention(2, 4), pattern="2:4")
