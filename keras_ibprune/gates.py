@@ -48,8 +48,7 @@ def check_gates(gates, granularity, layer=None):
     if gates is not None and granularity != "channel":
         raise ValueError(
             "gates='vib' gates output units and needs granularity='channel'. Received: "
-            f"granularity={granularity!r}"
-            + ("" if layer is None else f" for layer {layer.name!r}")
+            f"granularity={granularity!r}" + ("" if layer is None else f" for layer {layer.name!r}")
         )
     return gates
 
@@ -179,7 +178,8 @@ def set_gate_gamma(model, gamma, layers=None):
     if not wrappers:
         raise ValueError(
             "The model has no VIB gates: prune it with `kib.prune(model, "
-            f"granularity='channel', gates='vib')`. Received: model={getattr(model, 'name', model)!r}"
+            "granularity='channel', gates='vib')`. Received: "
+            f"model={getattr(model, 'name', model)!r}"
         )
     if isinstance(gamma, dict):
         values = {k: check_gamma(v) for k, v in gamma.items()}
@@ -191,8 +191,9 @@ def set_gate_gamma(model, gamma, layers=None):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(
-            f"No gated layer named {unknown}. Gated layers: {sorted(w.layer.name for w in wrappers)}."
-            f" Received: gamma={gamma!r}, layers={layers!r}"
+            f"No gated layer named {unknown}. Gated layers: "
+            f"{sorted(w.layer.name for w in wrappers)}. Received: gamma={gamma!r}, "
+            f"layers={layers!r}"
         )
     for w in wrappers:
         for key in (w.name, w.layer.name):

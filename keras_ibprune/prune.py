@@ -117,8 +117,15 @@ def _selectable(layer, granularity):
     return registry.is_prunable(layer)
 
 
-def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=None,
-          gates=None, gamma=None):
+def prune(
+    to_prune,
+    layers=None,
+    exclude=None,
+    granularity="weight",
+    block_size=None,
+    gates=None,
+    gamma=None,
+):
     """Wraps the prunable layers of a model (or a layer, or a list of layers).
 
     Prunable layers are found at any depth: in nested Sequential/Functional models (cloned)
@@ -272,7 +279,9 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
             )
 
     # Model outputs keep every channel: their units get no gate (nothing to select).
-    outputs = {id(_keras_compat.producing_layer(t)) for t in getattr(to_prune, "outputs", None) or []}
+    outputs = {
+        id(_keras_compat.producing_layer(t)) for t in getattr(to_prune, "outputs", None) or []
+    }
 
     def clone_fn(layer):
         copy = _copy_layer(layer)

@@ -85,8 +85,16 @@ class PruneWrapper(keras.layers.Wrapper):
     ```
     """
 
-    def __init__(self, layer, granularity="weight", block_size=None, gates=None,
-                 gate_gamma=None, gate_log_sigma2=None, **kwargs):
+    def __init__(
+        self,
+        layer,
+        granularity="weight",
+        block_size=None,
+        gates=None,
+        gate_gamma=None,
+        gate_log_sigma2=None,
+        **kwargs,
+    ):
         if isinstance(layer, PruneWrapper):
             raise ValueError(
                 "The layer is already a PruneWrapper; wrapping it twice is not allowed. "
@@ -182,9 +190,7 @@ class PruneWrapper(keras.layers.Wrapper):
                 dtype="float32",
             )
             if self.gates == "vib":
-                self.gate = gates_lib.VIBGate(
-                    self, units, self.gate_gamma, self.gate_log_sigma2
-                )
+                self.gate = gates_lib.VIBGate(self, units, self.gate_gamma, self.gate_log_sigma2)
         self._masks_built = True
 
     def _num_units(self, input_shape):

@@ -70,20 +70,23 @@ def test_kl_term_is_in_model_losses():
     assert any(abs(float(v) - expected_fc) < 1e-4 * expected_fc for v in model.losses)
 
 
+@pytest.mark.slow
 def test_kl_drives_alpha_of_noise_units_down():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(512, 16)).astype("float32")
     y = (x[:, :8] @ rng.normal(size=8) > 0).astype("int64")  # inputs 8..15 are noise
     inp = keras.Input((16,))
     # Hidden unit j copies input j (frozen identity), so units 8..15 carry only noise.
-    h = L.Dense(16, kernel_initializer="identity", use_bias=False, trainable=False,
-                name="copy")(inp)
+    h = L.Dense(16, kernel_initializer="identity", use_bias=False, trainable=False, name="copy")(
+        inp
+    )
     out = L.Dense(2, name="out")(h)
     model = kib.prune(keras.Model(inp, out), granularity="channel", gates="vib", gamma=1e-2)
     gate = model.get_layer("prune_copy").gate
     before = gate.alpha()
-    model.compile(keras.optimizers.Adam(0.02),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        keras.optimizers.Adam(0.02), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     kl0 = float(model.losses[0]) if model.losses else None
     model.fit(x, y, epochs=15, batch_size=64, verbose=0)
     model(x[:4])
@@ -124,8 +127,9 @@ def test_strip_folds_gates_into_weights():
     assert not any("gate" in v.path for v in stripped.weights)
     assert not find_wrappers(stripped)
     assert len(stripped.weights) == len(coupled_cnn().weights)
-    np.testing.assert_allclose(stripped.predict(x, verbose=0), model.predict(x, verbose=0),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        stripped.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5
+    )
 
 
 def test_coupled_groups_are_scored_and_removed_together():
@@ -148,8 +152,9 @@ def test_coupled_groups_are_scored_and_removed_together():
     # BatchNorm passes `a`'s gate through: one gate for conv a + bn_a, nothing on bn_a.
     assert model.get_layer("bn_a").weights and not hasattr(model.get_layer("bn_a"), "gate")
     x = x_img(8)
-    np.testing.assert_allclose(kib.shrink(model).predict(x, verbose=0),
-                               model.predict(x, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(
+        kib.shrink(model).predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5
+    )
 
 
 def mlp():
@@ -159,12 +164,12 @@ def mlp():
     return keras.Model(inp, L.Dense(3, name="out")(h))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:IBPruning")
 def test_save_load_mid_training_resumes(tmp_path):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(64, 12)).astype("float32"), rng.integers(0, 3, 64)
-    model = kib.prune(mlp(), granularity="channel", gates="vib",
-                      gamma={"fc": 1e-2, "a": 1e-3})
+    model = kib.prune(mlp(), granularity="channel", gates="vib", gamma={"fc": 1e-2, "a": 1e-3})
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.5, 0, 2), score="vib", target="flops")
     hist = model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
@@ -179,8 +184,7 @@ def test_save_load_mid_training_resumes(tmp_path):
     assert float(loaded.get_layer("prune_a").gate.gamma.numpy()) == pytest.approx(1e-3)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
     cb2 = kib.IBPruning(kib.PolynomialDecay(0.0, 0.5, 0, 2), score="vib", target="flops")
-    hist = loaded.fit(x, y, epochs=2, initial_epoch=1, batch_size=16, verbose=0,
-                      callbacks=[cb2])
+    hist = loaded.fit(x, y, epochs=2, initial_epoch=1, batch_size=16, verbose=0, callbacks=[cb2])
     assert hist.history["flops_removed"][-1] >= 0.5
     assert np.isfinite(hist.history["loss"]).all()
 
