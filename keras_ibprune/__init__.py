@@ -20,6 +20,7 @@ from keras_ibprune import (
 from keras_ibprune.callbacks import IBPruning
 from keras_ibprune.export import ExportReport, ExportVerificationError, export_tflite
 from keras_ibprune.flops import count_flops, count_params
+from keras_ibprune.gates import VIBGate, set_gate_gamma
 from keras_ibprune.graph import ChannelGroup, channel_groups
 from keras_ibprune.information import GaussianOBDScore, IBScore, OBSScore
 from keras_ibprune.legacy import load_legacy_model
@@ -44,11 +45,13 @@ from keras_ibprune.scores import (
     RandomScore,
     Score,
     TaylorScore,
+    VIBScore,
 )
 from keras_ibprune.shrink import check_widths, shrink
 from keras_ibprune.summary import (
     SparsitySummary,
     plot_information_plane,
+    plot_units_kept,
     sparsity,
     sparsity_summary,
 )
@@ -61,6 +64,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "APoZScore",
+    "VIBGate",
+    "VIBScore",
     "ActivationScore",
     "BNGammaScore",
     "ChannelGroup",
@@ -100,6 +105,8 @@ __all__ = [
     "masks",
     "obs",
     "plot_information_plane",
+    "plot_units_kept",
+    "set_gate_gamma",
     "prune",
     "register_prunable",
     "schedules",

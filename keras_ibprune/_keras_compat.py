@@ -180,3 +180,19 @@ def track_for_checkpoint(layer, name, variable):
     track = getattr(layer, "_track_trackable", None)
     if track is not None:
         track(variable, name=name, overwrite=True)
+
+
+def call_training(layer):
+    """The `training` flag of the Keras call in progress (None outside `fit` / `training=`).
+
+    Read from the call context Keras threads through nested `Layer.__call__`s, so a
+    wrapper whose inner layer takes no `training` argument still knows the phase.
+    """
+    return layer._get_call_context().get_value("training")
+
+
+def in_symbolic_scope():
+    """Whether Keras is tracing symbolically (Functional construction, output specs)."""
+    from keras.src.backend.common.symbolic_scope import in_symbolic_scope as _in
+
+    return _in()

@@ -135,27 +135,31 @@ class ChannelPolicy:
             np.logical_or.at(keep, idx, um)
         return keep
 
-    def group_scores(self, group, per_layer):
+    def group_scores(self, group, per_layer, normalize=True):
         normed = {}
         for name in group.members:
-            s = np.nan_to_num(
-                np.asarray(per_layer[name], np.float64).reshape(-1), nan=0.0, posinf=0.0, neginf=0.0
-            )
+            s = np.asarray(per_layer[name], np.float64).reshape(-1)
+            if not normalize:  # comparable across layers (VIB α); +inf = ungated, kept
+                normed[name] = np.nan_to_num(s, nan=0.0, posinf=np.inf, neginf=0.0)
+                continue
+            s = np.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
             scale = np.mean(np.abs(s)) + 1e-12
             normed[name] = s / scale
         return group.reduce(normed, fn=np.sum)
 
-    def update(self, sparsity, per_layer):
+    def update(self, sparsity, per_layer, normalize=True):
         """Writes unit masks removing `sparsity` of the target quantity.
 
         Args:
             sparsity: fraction in [0, 1) of units / FLOPs / parameters to remove.
             per_layer: dict wrapper name -> unit scores (higher = keep).
+            normalize: divide each layer's scores by their mean before coupled layers'
+                scores are summed (False: scores already comparable, e.g. VIB α).
         """
         stuck = self._stuck()
         plans = []
         for g in self.groups:
-            scores = self.group_scores(g, per_layer)
+            scores = self.group_scores(g, per_layer, normalize)
             alive = np.ones(g.size, bool) if self.regrow else self.current_keep(g)
             # Units shrink would keep anyway are not picked (masked ones stay masked).
             free = g.prunable & ~(stuck(g) & alive)

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from keras_ibprune import _keras_compat, registry
+from keras_ibprune import gates as gates_lib
 from keras_ibprune.nested import (
     NestedPruneWrapper,
     left_dense,
@@ -118,8 +119,16 @@ def _selectable(layer, granularity):
     return registry.is_prunable(layer)
 
 
-def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=None,
-          pattern=None):
+def prune(
+    to_prune,
+    layers=None,
+    exclude=None,
+    granularity="weight",
+    block_size=None,
+    pattern=None,
+    gates=None,
+    gamma=None,
+):
     """Wraps the prunable layers of a model (or a layer, or a list of layers).
 
     Prunable layers are found at any depth: in nested Sequential/Functional models (cloned)
@@ -144,6 +153,13 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
             every M consecutive inputs of a unit are removed (see `PruneWrapper`). Applies
             to Dense and Conv layers; other wrapped layers get unstructured masks (a warning
             names them).
+        gates: with `granularity="channel"`: `"vib"` adds a variational information
+            bottleneck gate to every output unit (`keras_ibprune.gates`); `fit` trains
+            the gates through a KL term added with `add_loss`; `IBPruning(score="vib")`
+            removes the units with the lowest `α = μ²/σ²`.
+        gamma: the KL weight γ of the gates: a float for every layer or a dict
+            `{layer name: γ}` (unnamed layers get the default 1e-4). Change it later with
+            `kib.set_gate_gamma`.
 
     Returns:
         A new model with the same weights whose prunable layers are wrapped (a
@@ -161,9 +177,17 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
     pruned.fit(x, y, epochs=4, callbacks=[kib.IBPruning(kib.PolynomialDecay(0, .9, 0, 3))])
     ```
     """
+    gates_lib.check_gates(gates, granularity)
+    gamma_of = _gamma_of(gates, gamma)
     if isinstance(to_prune, (list, tuple)) or (
         isinstance(to_prune, keras.layers.Layer) and not isinstance(to_prune, keras.Model)
     ):
+        if gates is not None:
+            raise ValueError(
+                "gates='vib' applies to models (`kib.prune(model, granularity='channel', "
+                "gates='vib')`) or single `kib.PruneWrapper(layer, granularity='channel', "
+                f"gates='vib')`. Received: to_prune={to_prune!r}"
+            )
         return _prune_layers(to_prune, layers, exclude, granularity, block_size, pattern)
     if not isinstance(to_prune, keras.Model):
         raise ValueError(
@@ -260,9 +284,26 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
                 f"prune: pattern={pattern!r} (N:M along the inputs) applies to Dense and Conv "
                 f"layers; these get unstructured masks instead: {unpatterned}", stacklevel=2)
 
+    if isinstance(gamma, dict):
+        named = {la.name for la in all_layers if id(la) in plan}
+        if set(gamma) - named:
+            raise ValueError(
+                f"`gamma` names layers that are not gated: {sorted(set(gamma) - named)}. Gated "
+                f"layers: {sorted(named)}. Received: gamma={gamma!r}"
+            )
+
+    # Model outputs keep every channel: their units get no gate (nothing to select).
+    outputs = {
+        id(_keras_compat.producing_layer(t)) for t in getattr(to_prune, "outputs", None) or []
+    }
+
     def clone_fn(layer):
         copy = _copy_layer(layer)
         if id(layer) in plan:
+            if gates is not None and id(layer) not in outputs:
+                return PruneWrapper(
+                    copy, granularity=granularity, gates=gates, gate_gamma=gamma_of(layer.name)
+                )
             return PruneWrapper(copy, granularity=granularity, block_size=block_size,
                                 pattern=pattern if supports_pattern(copy) else None)
         if id(layer) in nested:
@@ -282,6 +323,17 @@ def prune(to_prune, layers=None, exclude=None, granularity="weight", block_size=
         else:
             (new.layer if isinstance(new, PruneWrapper) else new).set_weights(old.get_weights())
     return new_model
+
+
+def _gamma_of(gates, gamma):
+    """`layer name -> γ` from `prune`'s `gamma` (a float, a dict or None)."""
+    if gamma is not None and gates is None:
+        raise ValueError(f"`gamma` applies with gates='vib' only. Received: gamma={gamma!r}")
+    if isinstance(gamma, dict):
+        values = {k: gates_lib.check_gamma(v) for k, v in gamma.items()}
+        return lambda name: values.get(name, gates_lib.DEFAULT_GAMMA)
+    value = gates_lib.check_gamma(gamma)
+    return lambda name: value
 
 
 def _prune_layers(to_prune, layers, exclude, granularity, block_size, pattern=None):

@@ -20,6 +20,7 @@ from keras import ops
 from keras_ibprune import _keras_compat
 from keras_ibprune import allocation as allocation_lib
 from keras_ibprune import channels as channels_lib
+from keras_ibprune import gates as gates_lib
 from keras_ibprune import heldout as heldout_lib
 from keras_ibprune import likelihood as likelihood_lib
 from keras_ibprune import masks as masks_lib
@@ -189,7 +190,9 @@ class Pruner:
         self._channels = None
         if self.granularity == "channel":
             # Units: the user's allocation, else uniform (weight allocations do not apply).
-            unit_alloc = self._allocation_arg if self._allocation_arg is not None else "uniform"
+            unit_alloc = self._allocation_arg if self._allocation_arg is not None else (
+                getattr(self.score, "default_allocation", "uniform")
+                if not getattr(self.score, "normalize_units", True) else "uniform")
             self._channels = channels_lib.ChannelPolicy(
                 self.model, self.wrappers, target=self.target, allocation=unit_alloc,
                 min_width=self.min_width, round_to=self.round_to, regrow=self.regrow,
@@ -337,7 +340,8 @@ class Pruner:
         self.measure(stats)
         scored = self.score.score_model(stats, granularity=self.granularity)
         if self.granularity == "channel":
-            self._channels.update(target, {w.name: sc for w, sc in zip(self.wrappers, scored)})
+            self._channels.update(target, {w.name: sc for w, sc in zip(self.wrappers, scored)},
+                                  normalize=getattr(self.score, "normalize_units", True))
             return
         tensors, prev, blocks, owners, keeps, patterns = [], [], [], [], [], []
         for w, st, layer_scores in zip(self.wrappers, stats, scored):
@@ -413,4 +417,5 @@ class Pruner:
         if self._channels is not None and self.target != "units":
             out[f"{self.target}_removed"] = self._channels.removed()
         out.update(self.score.logs())
+        out.update(gates_lib.logs(self.wrappers, self.log_name))  # VIB gates, if any
         return out

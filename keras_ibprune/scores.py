@@ -268,6 +268,43 @@ class APoZScore(Score):
         return active + 1e-3 * mag / (np.max(mag) + 1e-12)
 
 
+@register_score("vib")
+class VIBScore(Score):
+    """`α_j = μ_j²/σ_j²` of the unit's variational information bottleneck gate (Dai et
+    al., 2018): the gate's signal-to-noise ratio, which the KL term drives to 0 for units
+    the loss does not need. Needs `kib.prune(model, granularity="channel", gates="vib")`;
+    reads no held-out data. α is comparable across layers, so the channel policy ranks
+    raw α (no per-layer normalization) and defaults to one global ranking. Units without a
+    gate (model outputs) score +inf (kept).
+    """
+
+    normalize_units = False
+    default_allocation = "global"
+
+    def __call__(self, stats):
+        raise ValueError(
+            "The 'vib' score rates output units: use it with granularity='channel' and "
+            "gates='vib'. Received: weight-granularity wrappers"
+        )
+
+    def unit_scores(self, stats):
+        gate = getattr(stats.wrapper, "gate", None)
+        if gate is None:
+            return np.full(stats.wrapper.unit_mask.shape[0], np.inf)
+        return gate.alpha()
+
+    def score_model(self, stats_list, granularity="weight"):
+        if granularity != "channel" or not any(
+            getattr(s.wrapper, "gate", None) is not None for s in stats_list
+        ):
+            raise ValueError(
+                "score='vib' needs VIB gates: prune with `kib.prune(model, "
+                "granularity='channel', gates='vib')`. Received: granularity="
+                f"{granularity!r} without gated layers"
+            )
+        return super().score_model(stats_list, granularity)
+
+
 # ---------------------------------------------------------------------- registry
 def serialize(score):
     """Keras config of a `Score` (see `keras.saving.serialize_keras_object`)."""

@@ -202,3 +202,67 @@ def plot_information_plane(history, layers=None, ax=None):
     ax.set_title("Information plane (colour: epoch)")
     ax.legend(fontsize=8)
     return ax
+
+
+def plot_units_kept(history, layers=None, ax=None):
+    """Draws the units each gated layer keeps over epochs (VIB gates, `gates="vib"`).
+
+    Reads the ``vib/units/<layer>`` entries that `IBPruning` writes into the epoch logs
+    of a model pruned with `kib.prune(model, granularity="channel", gates="vib")`; the
+    line's markers are coloured by the layer's mean ``log α`` (``vib/log_alpha/<layer>``)
+    when logged. Needs matplotlib.
+
+    Args:
+        history: the `keras.callbacks.History` returned by `fit`, or its `.history` dict.
+        layers: optional layer names to draw (default: every gated layer in the logs).
+        ax: optional matplotlib axes to draw on.
+
+    Returns:
+        The matplotlib axes.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        ValueError: the history holds no ``vib/units/<layer>`` entries.
+
+    Example:
+
+    ```python
+    history = pruned.fit(x, y, epochs=8, callbacks=[kib.IBPruning(sched, score="vib")])
+    kib.plot_units_kept(history).figure.savefig("units.png")
+    ```
+    """
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("plot_units_kept needs matplotlib: `pip install matplotlib`.") from e
+    logs = getattr(history, "history", history)
+    if not isinstance(logs, dict):
+        raise ValueError(
+            "Expected a keras History or its `.history` dict. Received: "
+            f"history of type {type(history).__name__}"
+        )
+    prefix = "vib/units/"
+    names = [k[len(prefix):] for k in logs if k.startswith(prefix)]
+    if layers is not None:
+        names = [n for n in names if n in set(layers)]
+    if not names:
+        raise ValueError(
+            "No 'vib/units/<layer>' entries in the history: train a model pruned with "
+            "gates='vib' with the IBPruning callback. Received: keys "
+            f"{sorted(logs)[:10]}"
+        )
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 4))
+    for name in names:
+        units = np.asarray(logs[prefix + name], dtype=float)
+        epochs = np.arange(1, len(units) + 1)
+        (line,) = ax.plot(epochs, units, "-", label=name, alpha=0.8)
+        log_alpha = logs.get(f"vib/log_alpha/{name}")
+        if log_alpha is not None:
+            ax.scatter(epochs, units, c=np.asarray(log_alpha, float), cmap="viridis", s=18,
+                       zorder=3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("units kept")
+    ax.set_title("Units kept per layer (marker colour: mean log α)")
+    ax.legend(fontsize=8)
+    return ax

@@ -19,6 +19,7 @@ import keras
 from keras import ops
 
 from keras_ibprune import _keras_compat, registry
+from keras_ibprune import gates as gates_lib
 
 GRANULARITIES = ("weight", "channel")
 
@@ -103,6 +104,11 @@ class PruneWrapper(keras.layers.Wrapper):
             removed, so at the schedule's end (sparsity `1 − N/M`) each group keeps exactly
             N — the layout sparse tensor cores (2:4) and some NPUs run. The score chooses
             which N survive in each group. A last, shorter group keeps `min(size, N)`.
+        gates: channel granularity only: `"vib"` gives every output unit a variational
+            information bottleneck gate (`keras_ibprune.gates`), trained by `fit` through
+            a KL term in `add_loss`; None (default): no gate.
+        gate_gamma: γ, the weight of this layer's KL term (default 1e-4).
+        gate_log_sigma2: initial log noise variance of the gates (default -6).
         **kwargs: base layer keyword arguments (`name`, ...).
 
     Example:
@@ -114,7 +120,17 @@ class PruneWrapper(keras.layers.Wrapper):
     ```
     """
 
-    def __init__(self, layer, granularity="weight", block_size=None, pattern=None, **kwargs):
+    def __init__(
+        self,
+        layer,
+        granularity="weight",
+        block_size=None,
+        pattern=None,
+        gates=None,
+        gate_gamma=None,
+        gate_log_sigma2=None,
+        **kwargs,
+    ):
         if isinstance(layer, PruneWrapper):
             raise ValueError(
                 "The layer is already a PruneWrapper; wrapping it twice is not allowed. "
@@ -165,6 +181,12 @@ class PruneWrapper(keras.layers.Wrapper):
                 f"`block_size`. Received: granularity={granularity!r}, block_size="
                 f"{block_size!r}, pattern={pattern!r}"
             )
+        self.gates = gates_lib.check_gates(gates, granularity, layer)
+        self.gate_gamma = gates_lib.check_gamma(gate_gamma, "gate_gamma")
+        self.gate_log_sigma2 = float(
+            gates_lib.DEFAULT_LOG_SIGMA2 if gate_log_sigma2 is None else gate_log_sigma2
+        )
+        self.gate = None  # gates_lib.VIBGate once built (gates="vib")
         self.masks = []
         self.unit_mask = None
         self._masks_built = False
@@ -218,6 +240,8 @@ class PruneWrapper(keras.layers.Wrapper):
                 trainable=False,
                 dtype="float32",
             )
+            if self.gates == "vib":
+                self.gate = gates_lib.VIBGate(self, units, self.gate_gamma, self.gate_log_sigma2)
         self._masks_built = True
 
     def _num_units(self, input_shape):
@@ -251,6 +275,8 @@ class PruneWrapper(keras.layers.Wrapper):
         probe = None if capture is None or not self._probes else self._probes[len(capture)]
         if self.granularity == "weight" and any(True for _ in self.masks):
             outputs, preact = self._masked_call(args, kwargs, capture is not None, probe)
+        elif self.gate is not None:
+            outputs, preact = self._gated_call(args, kwargs, probe)
         else:
             outputs, preact = self._inner_call(args, kwargs, capture is not None, probe)
         if self.unit_mask is not None:
@@ -281,6 +307,25 @@ class PruneWrapper(keras.layers.Wrapper):
             self.layer.activation = act
         z = z if probe is None else z + probe
         return act(z), z
+
+    def _gated_call(self, args, kwargs, probe=None):
+        """VIB gates: `f(a) ⊙ z` (activations commuting with scaling) or `f(a ⊙ z)`."""
+        gate = self.gate
+        training = kwargs.get("training") if "training" in kwargs else None
+        if training is None:
+            training = _keras_compat.call_training(self)
+        if gate.pre:
+            _, preact = self._inner_call(args, kwargs, True, probe)
+            preact = preact * gate.sample(preact, bool(training))
+            outputs = self.layer.activation(preact)
+        else:
+            outputs = self._inner_call(args, kwargs, False, probe)[0]
+            outputs = outputs * gate.sample(outputs, bool(training))
+            preact = outputs
+        kl = gate.kl(self.unit_mask)
+        if not _keras_compat.in_symbolic_scope():
+            self.add_loss(kl)
+        return outputs, preact
 
     def _masked_call(self, args, kwargs, want_preact, probe=None):
         mapping = [
@@ -333,6 +378,8 @@ class PruneWrapper(keras.layers.Wrapper):
         for w, m in zip(self.prunable_weights, self.masks):
             value = values[id(w)]
             values[id(w)] = value * ops.convert_to_numpy(m.value).astype(value.dtype)
+        if self.gate is not None:
+            self._scale_units(values, self._gate_fold())
         um = None if self.unit_mask is None else ops.convert_to_numpy(self.unit_mask.value)
         if units and um is not None and um.min() < 1.0:
             act = getattr(inner, "activation", None)
@@ -342,19 +389,37 @@ class PruneWrapper(keras.layers.Wrapper):
                     "zero at zero, so a zeroed unit would not output zero. Use `kib.shrink` "
                     f"instead. Received: activation={getattr(act, '__name__', act)}"
                 )
-            L = keras.layers
-            if isinstance(inner, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
-                k = inner.kernel
-                values[id(k)] = values[id(k)] * um.reshape(k.shape[-2], k.shape[-1])
-            elif isinstance(inner, (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)):
-                values[id(inner.kernel)] = values[id(inner.kernel)] * um[:, None]
-            else:
-                last = self.prunable_weights[-1]
-                values[id(last)] = values[id(last)] * um
-            bias = getattr(inner, "bias", None)
-            if bias is not None:
-                values[id(bias)] = values[id(bias)] * um
+            self._scale_units(values, um)
         return [values[id(v)] for v in inner.weights]
+
+    def _scale_units(self, values, um):
+        """Multiplies each output unit's kernel column and bias (in `values`) by `um`."""
+        inner = self.layer
+        L = keras.layers
+        if isinstance(inner, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
+            k = inner.kernel
+            values[id(k)] = values[id(k)] * um.reshape(k.shape[-2], k.shape[-1])
+        elif isinstance(inner, (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)):
+            values[id(inner.kernel)] = values[id(inner.kernel)] * um[:, None]
+        else:
+            last = self.prunable_weights[-1]
+            values[id(last)] = values[id(last)] * um
+        bias = getattr(inner, "bias", None)
+        if bias is not None:
+            values[id(bias)] = values[id(bias)] * um
+
+    def _gate_fold(self):
+        """The gate mean μ, checked to fold exactly into the layer's weights."""
+        mu = self.gate.mean()
+        if not self.gate.pre and mu.min() < 0:
+            act = getattr(self.layer, "activation", None)
+            if act is not None and not gates_lib.commutes_with_scaling(lambda a: -act(-a)):
+                raise ValueError(
+                    f"Cannot fold the VIB gate of layer '{self.layer.name}': some gate means "
+                    "are negative and its activation does not commute with negative scaling. "
+                    f"Keep gate_mu >= 0 (its constraint does). Received: min mu={mu.min()}"
+                )
+        return mu
 
     def get_config(self):
         config = super().get_config()
@@ -365,6 +430,14 @@ class PruneWrapper(keras.layers.Wrapper):
                 "pattern": None if self.pattern is None else "{}:{}".format(*self.pattern),
             }
         )
+        if self.gates is not None:
+            config.update(
+                {
+                    "gates": self.gates,
+                    "gate_gamma": self.gate_gamma,
+                    "gate_log_sigma2": self.gate_log_sigma2,
+                }
+            )
         return config
 
     @classmethod

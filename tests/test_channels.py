@@ -189,3 +189,20 @@ def test_flops_logged_are_the_shrunk_models(allocation):
     assert policy.removed() == pytest.approx(1 - kib.count_flops(small) / dense)
     assert policy.removed() >= 0.4
     assert _kept(pruned)["conv"] == 8  # none of conv's units would really go
+
+
+def test_comparable_scores_are_not_normalized_per_layer():
+    # Raw scores (VIB α) rank units across layers: fc1's scores are all far below conv2's,
+    # so a global units target takes fc1's units first; per-layer normalization would not.
+    pruned = kib.prune(lenet(), granularity="channel")
+    ws = find_wrappers(pruned)
+    scores = {w.name: np.linspace(1.0, 2.0, w.unit_mask.shape[0]) for w in ws}
+    scores["prune_fc1"] = scores["prune_fc1"] * 1e-3
+    policy = ChannelPolicy(pruned, ws, target="units", allocation="global")
+    policy.update(0.2, scores, normalize=False)
+    assert _kept(pruned)["fc1"] < 32 and _kept(pruned)["conv2"] == 16
+    pruned2 = kib.prune(lenet(), granularity="channel")
+    ws2 = find_wrappers(pruned2)
+    ChannelPolicy(pruned2, ws2, target="units", allocation="global").update(
+        0.2, {w2.name: scores[w.name] for w, w2 in zip(ws, ws2)})
+    assert _kept(pruned2)["conv2"] < 16
