@@ -13,8 +13,7 @@ The statistics pass streams the held-out data through one traced step per batch 
   `sample_cap` samples by global index only; `finish` normalises everything;
 - `replica_step`: one step under a `tf.distribute.Strategy`: every replica computes the
   statistics of its slice, the sums are all-reduced with ``strategy.reduce(SUM)`` and the
-  per-sample rows gathered with ``strategy.gather``, so every worker holds the same totals;
-- `process_sum`: the same for JAX processes (``multihost_utils.process_allgather``).
+  per-sample rows gathered with ``strategy.gather``, so every worker holds the same totals.
 """
 
 from __future__ import annotations
@@ -188,30 +187,3 @@ def per_replica(strategy, values):
     return strategy.experimental_distribute_values_from_function(
         lambda ctx: values[ctx.replica_id_in_sync_group]
     )
-
-
-def process_sum(totals):
-    """Sums `Totals` over JAX processes (``process_allgather``), in place.
-
-    Each process has streamed its own batches; the sums are gathered (float32 on the wire
-    unless x64 is enabled) and added in float64, the per-sample rows of every process
-    are concatenated in process order (each process contributes its own global samples, so
-    process ``p`` must own the samples that precede those of ``p + 1``).
-    """
-    import jax  # lazily: only for JAX multi-process passes
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() == 1:
-        return totals
-    for tot in totals.sums:
-        for k in sorted(tot):
-            if k != "positions":
-                got = multihost_utils.process_allgather(np.asarray(tot[k]))
-                tot[k] = np.asarray(got, np.float64).sum(axis=0)
-    if any(totals.rows):
-        raise NotImplementedError(
-            "Per-sample statistics (t_mean, rows) are not gathered across JAX processes yet; "
-            "use a score without them or one process. Received: "
-            f"{jax.process_count()} processes"
-        )
-    return totals

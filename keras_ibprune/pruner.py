@@ -81,9 +81,9 @@ class Pruner:
         round_to: channel granularity: keep a multiple of this many units per layer.
         log_information: let the score log its information quantities (``I_TY/<layer>``,
             ``I_XT/<layer>``) at every update and on `measure()`.
-        strategy: shard the held-out statistics: a `tf.distribute.Strategy` (every replica
-            computes its slice, the sums are all-reduced) or `"jax"` (one share per JAX
-            process); None computes them all in this process. See docs/distributed.md.
+        strategy: shard the held-out statistics over a `tf.distribute.Strategy` (every
+            replica computes its slice, the sums are all-reduced, every worker derives the
+            same masks); None computes them all in this process. See docs/distributed.md.
 
     Attributes:
         optimizer: the optimizer whose per-weight state (momentum, velocities) of pruned

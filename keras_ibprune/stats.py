@@ -125,11 +125,9 @@ class StatisticsPass:
         batch_size: samples per traced call (per replica under a strategy).
         seed: seed of the label sampling (per sample, by global index: see
             `accumulate.SampleNoise`).
-        strategy: None (this process computes everything), a `tf.distribute.Strategy`
+        strategy: None (this process computes everything) or a `tf.distribute.Strategy`
             (every replica computes its slice of each chunk; sums all-reduced, per-sample
-            rows gathered, so every worker gets the same statistics) or `"jax"` (every JAX
-            process streams its share of the batches; sums gathered with
-            `multihost_utils.process_allgather`; no per-sample statistics).
+            rows gathered, so every worker gets the same statistics).
         sample_cap: per-sample statistics (`t_mean`, `rows`) cover the first
             `sample_cap` samples only (None: all); the summaries then carry `samples`.
     """
@@ -162,7 +160,7 @@ class StatisticsPass:
             )
             self.gradients = False
         self._fns, self._lik = {}, None
-        self._tf_strategy, self._jax_processes = _check_strategy(strategy, self.needs)
+        self._tf_strategy = _check_strategy(strategy)
         self.sample_cap = None if sample_cap is None else int(sample_cap)
 
     def _batch(self, x, u, index, target, lik, rows_per_sample, with_grad, needs, period):
@@ -282,13 +280,7 @@ class StatisticsPass:
         period = -(-n // -(-n // 256))  # conv rows' shift period: a function of n only
         replicas = self._tf_strategy.num_replicas_in_sync if self._tf_strategy else 1
         chunk = step * replicas  # samples per call (one batch per replica)
-        keep = None
-        if self._jax_processes:
-            import jax
-
-            p, count = jax.process_index(), jax.process_count()
-            keep = lambda j: j % count == p  # noqa: E731 - this process's batches
-        batches = (x.batches(chunk, keep) if streamed else _array_batches(x, n, chunk, keep))
+        batches = x.batches(chunk) if streamed else _array_batches(x, n, chunk)
         totals = accumulate.Totals(len(self.wrappers), self.sample_cap)
         wants_rows = bool(self.needs & {"t_mean", "rows"})
         for start, xb, _ in batches:
@@ -304,8 +296,6 @@ class StatisticsPass:
             else:
                 parts = fn(*self._distribute(args, start, start + m))
             totals.add(parts, start, m)
-        if self._jax_processes:
-            accumulate.process_sum(totals)
         fisher_seen = min(n, -(-n_fisher // chunk) * chunk) if self.gradients else 0
         return totals.finish(self.wrappers, self.kinds, fisher_seen)
 
@@ -324,34 +314,23 @@ class StatisticsPass:
         return out
 
 
-def _check_strategy(strategy, needs):
-    """`(tf strategy or None, jax processes?)` from the `strategy` argument."""
+def _check_strategy(strategy):
+    """The `tf.distribute.Strategy` to shard over, or None."""
     if strategy is None:
-        return None, False
-    if strategy == "jax":
-        if keras.backend.backend() != "jax":
-            raise ValueError("strategy='jax' shards over JAX processes and needs the JAX "
-                             f"backend. Received: backend={keras.backend.backend()!r}")
-        if needs & {"t_mean", "rows"}:
-            raise ValueError(
-                "strategy='jax' does not gather per-sample statistics yet; use a score "
-                f"without them (e.g. 'ib' without log_information). Received: needs="
-                f"{sorted(needs)}")
-        return None, True
+        return None
     if not (hasattr(strategy, "run") and hasattr(strategy, "num_replicas_in_sync")):
-        raise ValueError("`strategy` must be None, a tf.distribute.Strategy or 'jax'. "
+        raise ValueError("`strategy` must be None or a tf.distribute.Strategy. "
                          f"Received: strategy={strategy!r}")
     if keras.backend.backend() != "tensorflow":
         raise ValueError("A tf.distribute strategy needs the TensorFlow backend. Received: "
                          f"backend={keras.backend.backend()!r}")
-    return strategy, False
+    return strategy
 
 
-def _array_batches(x, n, size, keep=None):
+def _array_batches(x, n, size):
     """`(start, x[start:start + size], None)` over in-memory arrays."""
-    for j, start in enumerate(range(0, n, size)):
-        if keep is None or keep(j):
-            yield start, heldout_lib.slice_inputs(x, slice(start, start + size)), None
+    for start in range(0, n, size):
+        yield start, heldout_lib.slice_inputs(x, slice(start, start + size)), None
 
 
 # ------------------------------------------------------ full activations, gradients

@@ -154,28 +154,20 @@ class HeldOutStream:
         self.n, self.y = n, (np.concatenate(ys) if labelled else None)
         return self.n, self.y
 
-    def batches(self, size, keep=None):
+    def batches(self, size):
         """Yields `(start, x, y)`: consecutive batches of `size` samples (the last smaller).
 
-        Args:
-            size: samples per batch.
-            keep: optional `keep(j)` on the batch number: batches it rejects are skipped
-                (cut but not yielded; a worker streaming only its shard).
+        `start` is the global index of the batch's first sample. At most one batch plus
+        one source element is held at a time.
         """
-        buf, have, start, j = [], 0, 0, 0
+        buf, have, start = [], 0, 0
         for x, y in self._elements():
             x, y = self._standard(x, y, start + have)
-            m = heldout_lib.num_samples(x)
             buf.append((x, y))
-            have += m
+            have += heldout_lib.num_samples(x)
             while have >= size:
                 xs, ys = _merge(buf)
-                if keep is None or keep(j):
-                    yield (
-                        start,
-                        heldout_lib.slice_inputs(xs, slice(0, size)),
-                        (None if ys is None else ys[:size]),
-                    )
+                yield start, heldout_lib.slice_inputs(xs, slice(0, size)), _head(ys, size)
                 buf = [
                     (
                         heldout_lib.slice_inputs(xs, slice(size, None)),
@@ -184,8 +176,10 @@ class HeldOutStream:
                 ]
                 have -= size
                 start += size
-                j += 1
         if have:
             xs, ys = _merge(buf)
-            if keep is None or keep(j):
-                yield start, xs, ys
+            yield start, xs, ys
+
+
+def _head(y, size):
+    return None if y is None else y[:size]

@@ -39,8 +39,6 @@ def test_batches_are_recut_with_global_indices_and_read_lazily():
     assert (start, len(xb)) == (0, 16) and pulled == [0, 7, 14]  # no more than needed
     got = [(start, len(xb))] + [(s, len(b)) for s, b, _ in it]
     assert got == [(0, 16), (16, 16), (32, 16), (48, 2)]
-    kept = [s for s, _, _ in stream.batches(16, keep=lambda j: j % 2 == 1)]
-    assert kept == [16, 48]
 
 
 def test_streamed_pruning_gives_the_masks_of_in_memory_held_out_data():
