@@ -172,16 +172,21 @@ def held_out_arrays(held_out, size=1024, model=None, output=None):
             )
         y = y[:size]
     x = slice_inputs(x, slice(0, size))
+    check_finite(x, y)
+    return x, y
+
+
+def check_finite(x, y, offset=0):
+    """Raises a ValueError naming `x` or `y` and the first sample holding NaN or inf."""
     leaves = [("x", x)] if isinstance(x, np.ndarray) else [
         (f"x[{k!r}]", v) for k, v in x.items()]
     for name, arr in leaves + [("y", y)]:
         if arr is not None and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-            bad = int(np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)))[0, 0])
+            bad = int(np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)))[0, 0]) + offset
             raise ValueError(
                 f"Held-out {name} contains NaN or inf values (first at sample {bad}); clean "
                 f"the held-out data. Received: {name} of shape {arr.shape}"
             )
-    return x, y
 
 
 def _standalone(x):

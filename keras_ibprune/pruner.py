@@ -27,6 +27,7 @@ from keras_ibprune import masks as masks_lib
 from keras_ibprune import schedules as schedules_lib
 from keras_ibprune import scores as scores_lib
 from keras_ibprune import stats as stats_lib
+from keras_ibprune import stream as stream_lib
 
 KEEP_CONNECTED = ("outputs", "all", False)
 
@@ -60,7 +61,11 @@ class Pruner:
             predictions at `reset()` become the labels), a `tf.data.Dataset` or a Python
             generator. Take it from validation data, never from the test set.
         held_out_size: maximum number of held-out samples (the first ones, the same at every
-            update; an infinite dataset is capped).
+            update; an infinite dataset is capped), read into memory once. None: all of a
+            finite `held_out` (arrays, `tf.data.Dataset` or a callable returning an
+            iterator), streamed batch by batch at every update (memory bounded by the batch
+            and the statistics; per-sample statistics cover the first
+            `stream.SAMPLE_CAP` samples).
         min_density: per-tensor floor on the fraction of kept weights (or units).
         regrow: allow previously pruned weights to come back (default: monotone).
         steps_per_epoch: needed only for tfmot (step-based) schedules.
@@ -77,6 +82,9 @@ class Pruner:
         round_to: channel granularity: keep a multiple of this many units per layer.
         log_information: let the score log its information quantities (``I_TY/<layer>``,
             ``I_XT/<layer>``) at every update and on `measure()`.
+        strategy: shard the held-out statistics over a `tf.distribute.Strategy` (every
+            replica computes its slice, the sums are all-reduced, every worker derives the
+            same masks); None computes them all in this process. See docs/distributed.md.
 
     Attributes:
         optimizer: the optimizer whose per-weight state (momentum, velocities) of pruned
@@ -88,7 +96,7 @@ class Pruner:
                  held_out_size=1024, min_density=0.0, regrow=False, steps_per_epoch=None,
                  verbose=0, output=None, exclude=None, keep_connected="outputs",
                  target="units", min_width=1, round_to=None, log_information=False,
-                 _stacklevel=2):
+                 strategy=None, _stacklevel=2):
         self.model = model
         self.target = channels_lib.check_target(target)
         self.min_width, self.round_to = min_width, round_to
@@ -125,11 +133,12 @@ class Pruner:
                 f"`min_density` must be in [0, 1]. Received: min_density={min_density!r}"
             )
         self.min_density = float(min_density)
-        if isinstance(held_out_size, bool) or not isinstance(held_out_size, int) or (
-                held_out_size < 2):
-            raise ValueError("`held_out_size` must be an int >= 2. Received: "
+        if held_out_size is not None and (isinstance(held_out_size, bool) or not isinstance(
+                held_out_size, int) or held_out_size < 2):
+            raise ValueError("`held_out_size` must be an int >= 2 or None. Received: "
                              f"held_out_size={held_out_size!r}")
         self.held_out, self.held_out_size = held_out, held_out_size
+        self.strategy = strategy
         self.regrow = bool(regrow)
         self.verbose = verbose
         self.log_information = bool(log_information)
@@ -214,9 +223,7 @@ class Pruner:
                              f"Received: exclude={unknown}, wrapped layers: {sorted(names)}")
         self._data = None
         if self.held_out is not None and self.score.needs_data:
-            x, y = heldout_lib.held_out_arrays(
-                self.held_out, self.held_out_size, self.model, output=self.output
-            )
+            x, y = self._held_out()
             if y is None and self.score.needs_labels:
                 y = self._teacher_labels(x)
                 heldout_lib.check_labels(y, min_count=1)  # rare predicted classes are fine
@@ -232,7 +239,8 @@ class Pruner:
                 max_rows=getattr(self.score, "max_rows", 4096),
                 fisher_samples=getattr(self.score, "fisher_samples", None),
                 max_gram_dim=getattr(self.score, "max_gram_dim", 4096),
-                seed=getattr(self.score, "seed", 0))
+                seed=getattr(self.score, "seed", 0), strategy=self.strategy,
+                sample_cap=None if self.held_out_size else stream_lib.SAMPLE_CAP)
         self._outputs = self._output_wrappers()
         caps = {w.pattern for w in self.wrappers if getattr(w, "pattern", None)}
         final = float(self.schedule.final_sparsity)
@@ -246,8 +254,23 @@ class Pruner:
         self.score.reset()
         self.last_target = self.current_sparsity()
 
+    def _held_out(self):
+        """`(x, y)` arrays, or `(HeldOutStream, y)` with `held_out_size=None`."""
+        if self.held_out_size is not None:
+            return heldout_lib.held_out_arrays(
+                self.held_out, self.held_out_size, self.model, output=self.output)
+        if self.score.needs_activations or self.score.needs_gradients:
+            raise ValueError(
+                f"Score {type(self.score).__name__} reads full activations or weight "
+                "gradients, which need the held-out data in memory: pass an int "
+                "`held_out_size`. Received: held_out_size=None")
+        data = stream_lib.HeldOutStream(self.held_out, self.model, output=self.output)
+        return data, data.scan()[1]
+
     def _teacher_labels(self, x):
         """Label-free mode: the current (dense) model's predictions, captured once."""
+        if isinstance(x, stream_lib.HeldOutStream):
+            return np.concatenate([self._teacher_labels(b) for _, b, _ in x.batches(1024)])
         pred = self.model.predict(x, batch_size=256, verbose=0)
         output = likelihood_lib.resolve_output(self.model, self.output)
         pred = np.asarray(likelihood_lib.output_of(pred, output))
@@ -307,7 +330,8 @@ class Pruner:
                 wrapper=w, index=i,
                 weights=[ops.convert_to_numpy(v.value) for v in w.prunable_weights],
                 masks=[ops.convert_to_numpy(m.value) for m in w.masks],
-                labels=None if y is None else np.asarray(y), summary=summaries[i],
+                labels=None if y is None else np.asarray(y)[: summaries[i].get("samples")],
+                summary=summaries[i],
                 inputs=acts[i][0], preacts=acts[i][1], outputs=acts[i][2],
                 grads=None if grads is None else grads[i], extra={"name": self.log_name(w)})
             for i, w in enumerate(self.wrappers)

@@ -6,7 +6,10 @@ pass with every `PruneWrapper` recording `(input, pre-activation, output)`, the
 log-likelihood of a label sampled from the model's own prediction, its gradient with
 respect to every layer's pre-activation, and the per-layer sufficient statistics. Only
 those statistics leave the function (``O(Σ d_in² + d_in·units)`` numbers per layer); they
-are summed over batches on the device and converted to numpy once. On JAX the gradients
+are summed over batches in float64 on the host (`accumulate.Totals`), so the held-out
+data can be streamed (`stream.HeldOutStream`) and only one batch is ever in memory.
+Under a `tf.distribute` strategy each replica computes its slice and the sums are
+all-reduced (`accumulate.replica_step`). On JAX the gradients
 come from `jax.value_and_grad` with respect to zero probes added to every pre-activation
 (eager); other backends run the forward statistics eagerly and skip the Fisher ones (a
 warning says so).
@@ -36,8 +39,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_ibprune import accumulate, batch_stats
 from keras_ibprune import heldout as heldout_lib
 from keras_ibprune import likelihood as likelihood_lib
+from keras_ibprune import stream as stream_lib
+from keras_ibprune.batch_stats import layer_kind  # noqa: F401 - public `kib.stats` name
 
 STATISTICS = ("x2", "gram", "fisher", "fisher_x2", "t_mean", "rows")
 
@@ -98,115 +104,6 @@ def _tensors(x):
     return ops.convert_to_tensor(x)
 
 
-def layer_kind(layer):
-    """`"dense"`, `"conv"` (channels_last Conv1D/2D, groups 1) or `"other"`."""
-    L = keras.layers
-    if isinstance(layer, L.Dense):
-        return "dense"
-    skip = (L.Conv1DTranspose, L.Conv2DTranspose, L.DepthwiseConv1D, L.DepthwiseConv2D,
-            L.SeparableConv1D, L.SeparableConv2D)
-    if isinstance(layer, (L.Conv1D, L.Conv2D)) and not isinstance(layer, skip):
-        if getattr(layer, "data_format", "channels_last") == "channels_last" and getattr(
-            layer, "groups", 1
-        ) == 1 and layer.padding != "causal":
-            return "conv"
-    return "other"
-
-
-# --------------------------------------------------------------- per-layer math
-def _sampled_inputs(x, layer, kind, idx, positions, out_hw):
-    """Input rows `(b * k, d_in)` feeding the sampled output positions `idx` `(b, k)`.
-
-    Dense: the input vectors. Conv: the receptive-field windows in the kernel's
-    `(kh, kw, c_in)` layout (zero padding as the layer pads), gathered directly at the
-    sampled positions (no full im2col).
-    """
-    b = ops.shape(x)[0]
-    if idx is None:
-        idx = ops.broadcast_to(ops.arange(positions, dtype="int32")[None], (b, positions))
-    if kind == "dense":
-        return _gather(ops.reshape(x, (b, positions, x.shape[-1])), idx)
-    if layer.rank == 1:
-        x = ops.expand_dims(x, 1)
-        k, s, d = (1, layer.kernel_size[0]), (1, layer.strides[0]), (1, layer.dilation_rate[0])
-    else:
-        k, s, d = tuple(layer.kernel_size), tuple(layer.strides), tuple(layer.dilation_rate)
-    size_in, c = tuple(x.shape[1:3]), x.shape[3]
-    pads = []
-    for n_in, kk, ss, dd, n_out in zip(size_in, k, s, d, out_hw):
-        total = max((n_out - 1) * ss + (kk - 1) * dd + 1 - n_in, 0)
-        total = total if layer.padding == "same" else 0
-        pads.append((total // 2, total - total // 2))
-    x = ops.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
-    hp, wp = x.shape[1], x.shape[2]
-    oh, ow = idx // out_hw[1], idx % out_hw[1]  # (b, k)
-    du = np.repeat(np.arange(k[0]) * d[0], k[1])  # window offsets, (kh*kw,), row-major
-    dv = np.tile(np.arange(k[1]) * d[1], k[0])
-    rows = oh[..., None] * s[0] + ops.convert_to_tensor(du, "int32")
-    cols = ow[..., None] * s[1] + ops.convert_to_tensor(dv, "int32")
-    flat = ops.reshape(rows * wp + cols, (b, -1))  # (b, k * kh * kw)
-    win = ops.take_along_axis(ops.reshape(x, (b, hp * wp, c)), ops.expand_dims(flat, -1),
-                              axis=1)
-    return ops.reshape(win, (-1, k[0] * k[1] * c))
-
-
-def _sample_positions(b, positions, k):
-    """A fixed stratified subset of `k` of `positions` output positions per sample."""
-    if k >= positions:
-        return None
-    j = ops.arange(k, dtype="int32") * (positions // k)
-    shift = (ops.arange(b, dtype="int32") * 7919) % max(positions // k, 1)
-    return (j[None, :] + shift[:, None]) % positions
-
-
-def _gather(a, idx):
-    """`a[b, idx[b, j]]` for `a` of shape `(b, P, d)` -> `(b * k, d)`."""
-    if idx is None:
-        return ops.reshape(a, (-1, ops.shape(a)[-1]))
-    g = ops.take_along_axis(a, ops.expand_dims(idx, -1), axis=1)
-    return ops.reshape(g, (-1, ops.shape(a)[-1]))
-
-
-def _layer_stats(wrapper, kind, recs, grads, needs, rows_per_sample, max_gram_dim):
-    """Sums over this batch for one wrapper (every call of a reused layer counts)."""
-    out = {}
-    first = True
-    for (x, z, t), g in zip(recs, grads):
-        b = ops.shape(z)[0]
-        units = z.shape[-1]
-        positions = int(np.prod(z.shape[1:-1]))  # static: the model's spatial shape
-        z3 = ops.reshape(z, (b, positions, units))
-        t3 = ops.reshape(t, (b, positions, units))
-        idx = _sample_positions(b, positions, rows_per_sample)
-        part = {"z2": ops.sum(ops.square(z3), axis=(0, 1)),
-                "rows_all": ops.cast(b * positions, "float32")}
-        if first and "t_mean" in needs:
-            part["t_mean"] = ops.mean(t3, axis=1)
-        if first and "rows" in needs:
-            part["z_rows"], part["t_rows"] = _gather(z3, idx), _gather(t3, idx)
-        g3 = None
-        if g is not None:
-            g3 = ops.reshape(g, (b, positions, units))
-            part["fisher"] = ops.sum(ops.square(g3), axis=(0, 1))
-        if kind != "other" and x is not None and needs & {"x2", "gram", "fisher_x2"}:
-            out_hw = tuple(z.shape[1:3]) if kind == "conv" and len(z.shape) == 4 else (
-                1, positions)
-            xs = _sampled_inputs(x, wrapper.layer, kind, idx, positions, out_hw)
-            part["x2"] = ops.sum(ops.square(xs), axis=0)
-            part["rows_sampled"] = ops.cast(ops.shape(xs)[0], "float32")
-            if "gram" in needs and xs.shape[-1] <= max_gram_dim:
-                part["gram"] = ops.matmul(ops.transpose(xs), xs)
-            if "fisher_x2" in needs and g3 is not None:
-                part["rows_fisher"] = part["rows_sampled"]
-                gs = _gather(g3, idx)
-                part["fisher_x2"] = ops.matmul(ops.transpose(ops.square(xs)), ops.square(gs))
-        for k, v in part.items():
-            out[k] = v if k not in out or k in ("t_mean", "z_rows", "t_rows") else out[k] + v
-        out.setdefault("positions", ops.convert_to_tensor(positions, "int32"))
-        first = False
-    return out
-
-
 # ------------------------------------------------------------------- the pass
 class StatisticsPass:
     """Computes the statistics of every wrapper over held-out data; built once.
@@ -225,12 +122,19 @@ class StatisticsPass:
             give the Fisher statistics; None = all. The forward statistics always use all.
         max_gram_dim: layers with more inputs get no `gram` (memory `d_in²`); scores then
             fall back to the diagonal `x2`.
-        batch_size: samples per traced call.
-        seed: seed of the label sampling.
+        batch_size: samples per traced call (per replica under a strategy).
+        seed: seed of the label sampling (per sample, by global index: see
+            `accumulate.SampleNoise`).
+        strategy: None (this process computes everything) or a `tf.distribute.Strategy`
+            (every replica computes its slice of each chunk; sums all-reduced, per-sample
+            rows gathered, so every worker gets the same statistics).
+        sample_cap: per-sample statistics (`t_mean`, `rows`) cover the first
+            `sample_cap` samples only (None: all); the summaries then carry `samples`.
     """
 
     def __init__(self, model, wrappers, needs, output=None, fisher="model", max_rows=4096,
-                 fisher_samples=None, max_gram_dim=4096, batch_size=256, seed=0):
+                 fisher_samples=None, max_gram_dim=4096, batch_size=256, seed=0,
+                 strategy=None, sample_cap=None):
         unknown = set(needs) - set(STATISTICS)
         if unknown:
             raise ValueError(f"Unknown statistics. Expected names from {STATISTICS}. "
@@ -256,8 +160,10 @@ class StatisticsPass:
             )
             self.gradients = False
         self._fns, self._lik = {}, None
+        self._tf_strategy = _check_strategy(strategy)
+        self.sample_cap = None if sample_cap is None else int(sample_cap)
 
-    def _batch(self, x, u, target, lik, rows_per_sample, with_grad):
+    def _batch(self, x, u, index, target, lik, rows_per_sample, with_grad, needs, period):
         recs = {id(w): [] for w in self.wrappers}
         try:
             for w in self.wrappers:
@@ -269,8 +175,9 @@ class StatisticsPass:
         out = []
         for w, kind in zip(self.wrappers, self.kinds):
             gs = grads.get(id(w)) or [None] * len(recs[id(w)])
-            out.append(_layer_stats(w, kind, recs[id(w)], gs, self.needs, rows_per_sample,
-                                    self.max_gram_dim))
+            out.append(batch_stats.layer_stats(w, kind, recs[id(w)], gs, needs,
+                                               rows_per_sample, self.max_gram_dim, index,
+                                               period))
         return out
 
     def _forward_backward(self, x, u, target, lik, recs, with_grad):
@@ -319,94 +226,111 @@ class StatisticsPass:
             recs[id(w)][:] = records[str(id(w))]
         return {id(w): grads[str(id(w))] for w in self.wrappers}
 
-    def _compiled(self, lik, rows_per_sample, has_target, with_grad):
-        key = (lik, rows_per_sample, has_target, with_grad)
+    def _compiled(self, lik, rows_per_sample, has_target, with_grad, with_rows, period):
+        key = (lik, rows_per_sample, has_target, with_grad, with_rows, period)
         if key not in self._fns:
-            def fn(x, u, target):
-                return self._batch(x, u, target if has_target else None, lik, rows_per_sample,
-                                   with_grad)
+            needs = self.needs if with_rows else self.needs - {"t_mean", "rows"}
 
-            if keras.backend.backend() == "tensorflow":
+            def fn(x, u, index, target):
+                return self._batch(x, u, index, target if has_target else None, lik,
+                                   rows_per_sample, with_grad, needs, period)
+
+            if self._tf_strategy is not None:
+                fn = accumulate.replica_step(self._tf_strategy, fn)
+            elif keras.backend.backend() == "tensorflow":
                 import tensorflow as tf
 
                 fn = tf.function(fn, reduce_retracing=True, autograph=False)
             self._fns[key] = fn
         return self._fns[key]
 
-    def __call__(self, x, y):
-        """Returns one dict of numpy statistics per wrapper (see the module doc)."""
-        from keras_ibprune.estimators import label_kind
-
-        n = heldout_lib.num_samples(x)
-        kind = "classes" if y is None else label_kind(y)[0]
-        if self._lik is None:  # how outputs define p(y|x): probed once per pass
-            out = self.model(heldout_lib.slice_inputs(x, slice(0, min(n, 8))), training=False)
-            probe = _np(likelihood_lib.output_of(out, self.output))
+    def _likelihood(self, x, kind):
+        """How outputs define p(y|x): probed once per pass on a few samples."""
+        if self._lik is None:
+            head = (next(x.batches(8))[1] if isinstance(x, stream_lib.HeldOutStream)
+                    else heldout_lib.slice_inputs(x, slice(0, 8)))
+            probe = _np(likelihood_lib.output_of(self.model(head, training=False), self.output))
             self._lik = (likelihood_lib.likelihood_kind(probe, kind),
                          int(np.prod(probe.shape[1:])))
-        lik, width = self._lik
+        return self._lik
+
+    def __call__(self, x, y):
+        """Returns one dict of numpy statistics per wrapper (see the module doc).
+
+        Args:
+            x: held-out inputs (arrays, as `heldout.held_out_arrays` returns them) or a
+                scanned `stream.HeldOutStream` (streamed batch by batch).
+            y: labels of all samples (or None); read by global index.
+        """
+        from keras_ibprune.estimators import label_kind
+
+        streamed = isinstance(x, stream_lib.HeldOutStream)
+        n = x.n if streamed else heldout_lib.num_samples(x)
+        kind = "classes" if y is None else label_kind(y)[0]
+        lik, width = self._likelihood(x, kind)
         target = None
         if self.fisher == "empirical":
             if y is None:
                 raise ValueError("fisher='empirical' needs held-out labels. Received: y=None")
             target = label_kind(y)[1] if kind == "classes" else np.asarray(y, np.float32)
-        rng = np.random.default_rng(self.seed)
-        u = (rng.normal(size=(n, width)) if lik == "gaussian" else rng.random(n)).astype(
-            "float32")
+        noise = accumulate.SampleNoise(self.seed, lik == "gaussian", width)
         rows_per_sample = max(1, -(-self.max_rows // max(n, 1)))
         n_fisher = n if self.fisher_samples is None else min(n, self.fisher_samples)
         step = -(-n // -(-n // self.batch_size))  # equal batches: no retrace for a remainder
-        totals, fisher_seen = None, 0
-        for i in range(0, n, step):
-            sl = slice(i, i + step)
-            with_grad = self.gradients and i < n_fisher
-            xb = heldout_lib.slice_inputs(x, sl)
-            fisher_seen += heldout_lib.num_samples(xb) if with_grad else 0
-            fn = self._compiled(lik, rows_per_sample, target is not None, with_grad)
-            tb = None if target is None else ops.convert_to_tensor(target[sl])
-            parts = fn(_tensors(xb), ops.convert_to_tensor(u[sl]), tb)
-            if totals is None:
-                totals = [{k: [v] if k in ("t_mean", "z_rows", "t_rows") else v
-                           for k, v in p.items()} for p in parts]
-                continue
-            for tot, p in zip(totals, parts):
-                for k, v in p.items():
-                    if k in ("t_mean", "z_rows", "t_rows"):
-                        tot[k].append(v)
-                    elif k != "positions":
-                        tot[k] = tot[k] + v if k in tot else v
-        return [self._finish(w, kind_, tot, n, fisher_seen) for w, kind_, tot in
-                zip(self.wrappers, self.kinds, totals or [{}] * len(self.wrappers))]
+        period = -(-n // -(-n // 256))  # conv rows' shift period: a function of n only
+        replicas = self._tf_strategy.num_replicas_in_sync if self._tf_strategy else 1
+        chunk = step * replicas  # samples per call (one batch per replica)
+        batches = x.batches(chunk) if streamed else _array_batches(x, n, chunk)
+        totals = accumulate.Totals(len(self.wrappers), self.sample_cap)
+        wants_rows = bool(self.needs & {"t_mean", "rows"})
+        for start, xb, _ in batches:
+            m = heldout_lib.num_samples(xb)
+            with_grad = self.gradients and start < n_fisher
+            fn = self._compiled(lik, rows_per_sample, target is not None, with_grad,
+                                wants_rows and totals.wants_rows(start), period)
+            args = [xb, noise(start, start + m), np.arange(start, start + m, dtype="int32"),
+                    None if target is None else target[start:start + m]]
+            if self._tf_strategy is None:
+                parts = fn(_tensors(args[0]), *[None if a is None else ops.convert_to_tensor(a)
+                                                for a in args[1:]])
+            else:
+                parts = fn(*self._distribute(args, start, start + m))
+            totals.add(parts, start, m)
+        fisher_seen = min(n, -(-n_fisher // chunk) * chunk) if self.gradients else 0
+        return totals.finish(self.wrappers, self.kinds, fisher_seen)
 
-    def _finish(self, w, kind, tot, n, n_fisher):
-        s = {"kind": kind}
-        if not tot:
-            return s
-        positions = int(_np(tot["positions"])) if "positions" in tot else 1
-        s["positions"] = positions
-        rows_all = float(_np(tot["rows_all"]))
-        s["z2"] = _np(tot["z2"]).astype(np.float64) / rows_all
-        if not np.all(np.isfinite(s["z2"])):  # a NaN/inf anywhere reaches the sum
-            raise ValueError(
-                f"Layer '{w.layer.name}' produced NaN or inf pre-activations on the held-out "
-                "data (the model may have diverged; lower the learning rate). Received: "
-                f"E[z²] = {s['z2'][~np.isfinite(s['z2'])][:3].tolist()}..."
-            )
-        for k in ("t_mean", "z_rows", "t_rows"):
-            if k in tot:
-                s[k] = np.concatenate([_np(v) for v in tot[k]]).astype(np.float64)
-        if "fisher" in tot:
-            s["fisher"] = _np(tot["fisher"]).astype(np.float64) / max(n_fisher, 1)
-        if "x2" in tot:
-            kshape = tuple(w.prunable_weights[0].shape)
-            m = float(_np(tot["rows_sampled"]))
-            s["x2"] = (_np(tot["x2"]).astype(np.float64) / m).reshape(kshape[:-1])
-            if "gram" in tot:
-                s["gram"] = _np(tot["gram"]).astype(np.float64) / m
-            if "fisher_x2" in tot:
-                mf = float(_np(tot["rows_fisher"]))
-                s["fisher_x2"] = _np(tot["fisher_x2"]).astype(np.float64) / mf * positions
-        return s
+    def _distribute(self, args, start, stop):
+        """Per-replica values of a chunk: replica r gets its contiguous slice."""
+        strategy = self._tf_strategy
+        slices = [slice(a - start, b - start)
+                  for a, b in accumulate.replica_slices(strategy, start, stop)]
+        out = []
+        for i, a in enumerate(args):
+            if a is None:
+                out.append(None)
+                continue
+            cut = [heldout_lib.slice_inputs(a, sl) if i == 0 else a[sl] for sl in slices]
+            out.append(accumulate.per_replica(strategy, cut))
+        return out
+
+
+def _check_strategy(strategy):
+    """The `tf.distribute.Strategy` to shard over, or None."""
+    if strategy is None:
+        return None
+    if not (hasattr(strategy, "run") and hasattr(strategy, "num_replicas_in_sync")):
+        raise ValueError("`strategy` must be None or a tf.distribute.Strategy. "
+                         f"Received: strategy={strategy!r}")
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError("A tf.distribute strategy needs the TensorFlow backend. Received: "
+                         f"backend={keras.backend.backend()!r}")
+    return strategy
+
+
+def _array_batches(x, n, size):
+    """`(start, x[start:start + size], None)` over in-memory arrays."""
+    for start in range(0, n, size):
+        yield start, heldout_lib.slice_inputs(x, slice(start, start + size)), None
 
 
 # ------------------------------------------------------ full activations, gradients

@@ -244,3 +244,115 @@ def test_pruning_a_two_input_two_output_model_from_dict_held_out_data(score):
     assert all(np.all(np.isfinite(keras.ops.convert_to_numpy(v))) for v in model.weights)
     pred = model.predict(x, verbose=0)
     assert np.all(np.isfinite(pred["cls"])) and np.all(np.isfinite(pred["reg"]))
+
+
+# ------------------------------------------ streaming, batching and sharding independence
+def _assert_same_statistics(a, b, rtol=1e-5):
+    for sa, sb in zip(a, b):
+        assert set(sa) == set(sb), set(sa) ^ set(sb)
+        for k, v in sa.items():
+            if isinstance(v, np.ndarray):
+                scale = np.abs(v).max() + 1e-30
+                np.testing.assert_allclose(sb[k], v, rtol=rtol, atol=rtol * scale, err_msg=k)
+
+
+def test_statistics_do_not_depend_on_the_batch_size():
+    """Sampled conv rows and sampled labels follow each sample's global index."""
+    model = _cnn()
+    x, y = _xy(n=40)
+    ws = S.find_wrappers(model)
+    runs = [S.StatisticsPass(model, ws, S.STATISTICS, max_rows=80, batch_size=b)(x, y)
+            for b in (16, 40)]
+    assert runs[0][0]["z_rows"].shape == (80, 4)  # 2 of 49 positions per sample
+    _assert_same_statistics(*runs)
+
+
+@pytest.mark.parametrize("form", ["unbatched", "batched_7", "callable"])
+def test_a_streamed_dataset_gives_the_statistics_of_the_arrays(form):
+    from keras_ibprune.stream import HeldOutStream
+
+    model = _cnn()
+    x, y = _xy(n=50)
+    ws = S.find_wrappers(model)
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    source = {"unbatched": ds, "batched_7": ds.batch(7),
+              "callable": lambda: ((x[i:i + 9], y[i:i + 9]) for i in range(0, 50, 9))}[form]
+    stream = HeldOutStream(source, model)
+    n, labels = stream.scan()
+    assert n == 50 and np.array_equal(labels, y)
+    needs = S.STATISTICS
+    ref = S.StatisticsPass(model, ws, needs, max_rows=120, batch_size=16)(x, y)
+    got = S.StatisticsPass(model, ws, needs, max_rows=120, batch_size=16)(stream, labels)
+    _assert_same_statistics(ref, got)
+
+
+def test_streamed_per_sample_statistics_are_capped():
+    model = _cnn()
+    x, y = _xy(n=50)
+    ws = S.find_wrappers(model)
+    sp = S.StatisticsPass(model, ws, ("gram", "t_mean", "rows"), max_rows=100, batch_size=16,
+                          sample_cap=20)
+    out = sp(x, y)
+    full = S.StatisticsPass(model, ws, ("gram", "t_mean", "rows"), max_rows=100)(x, y)
+    assert out[0]["samples"] == 20 and out[0]["t_mean"].shape == (20, 4)
+    np.testing.assert_allclose(out[0]["t_mean"], full[0]["t_mean"][:20], rtol=1e-5)
+    np.testing.assert_allclose(out[0]["z_rows"], full[0]["z_rows"][:40], rtol=1e-5)
+    np.testing.assert_allclose(out[0]["gram"], full[0]["gram"], rtol=1e-5,  # all 50
+                               atol=1e-6 * np.abs(full[0]["gram"]).max())
+
+
+def test_bad_strategy_is_an_error():
+    model = _cnn()
+    with pytest.raises(ValueError, match="None or a tf.distribute.Strategy"):
+        S.StatisticsPass(model, S.find_wrappers(model), ("gram",), strategy="mirrored")
+
+
+_MIRRORED = """
+import sys, numpy as np, tensorflow as tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, keras_ibprune as kib
+from keras_ibprune import stats as S
+sys.path.insert(0, sys.argv[1])
+from _cases import small_cnn
+rng = np.random.default_rng(1)
+x = rng.standard_normal((300, 8, 8, 1)).astype("float32")
+y = rng.integers(0, 10, 300)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+assert strategy.num_replicas_in_sync == 2
+keras.utils.set_random_seed(0)
+with strategy.scope():
+    model = kib.prune(small_cnn())
+    model.build((None, 8, 8, 1))
+ws = S.find_wrappers(model)
+for fisher in ("model", "empirical"):
+    ref = S.StatisticsPass(model, ws, S.STATISTICS, fisher=fisher, max_rows=200,
+                           batch_size=64)(x, y)
+    sharded = S.StatisticsPass(model, ws, S.STATISTICS, fisher=fisher, max_rows=200,
+                               batch_size=64, strategy=strategy)
+    got = sharded(x, y)
+    calls = [f.experimental_get_tracing_count() for f in sharded._fns.values()]
+    worst = 0.0
+    for a, b in zip(ref, got):
+        assert set(a) == set(b), set(a) ^ set(b)
+        for k, v in a.items():
+            if isinstance(v, np.ndarray):
+                assert v.shape == b[k].shape, (k, v.shape, b[k].shape)
+                worst = max(worst, float(np.abs(v - b[k]).max() / (np.abs(v).max() + 1e-30)))
+    print("RESULT", fisher, worst < 1e-5, worst, calls)
+"""
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_shards_give_the_single_device_statistics(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "mirrored.py"
+    script.write_text(_MIRRORED)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    r = subprocess.run([sys.executable, str(script), os.path.dirname(__file__)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert "RESULT model True" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert "RESULT empirical True" in r.stdout, r.stdout + r.stderr[-3000:]
