@@ -46,6 +46,10 @@ def layer_kind(layer):
 
 
 # --------------------------------------------------------------- per-layer math
+def _is_low_float(v):
+    return keras.backend.standardize_dtype(v.dtype) in ("float16", "bfloat16")
+
+
 def _sampled_inputs(x, layer, kind, idx, positions, out_hw):
     """Input rows `(b * k, d_in)` feeding the sampled output positions `idx` `(b, k)`.
 
@@ -118,6 +122,10 @@ def layer_stats(wrapper, kind, recs, grads, needs, rows_per_sample, max_gram_dim
     out = {}
     first = True
     for (x, z, t), g in zip(recs, grads):
+        # Mixed precision: activations arrive in float16/bfloat16; sums of squares and Gram
+        # matrices must be accumulated in float32 (a float16 Gram is not even PSD).
+        x, z, t, g = (v if v is None or not _is_low_float(v) else ops.cast(v, "float32")
+                      for v in (x, z, t, g))
         b = ops.shape(z)[0]
         units = z.shape[-1]
         positions = int(np.prod(z.shape[1:-1]))  # static: the model's spatial shape

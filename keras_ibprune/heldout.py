@@ -161,7 +161,11 @@ def held_out_arrays(held_out, size=1024, model=None, output=None):
         x, y = held_out
     else:
         x, y = held_out, None
-    x = standardize_inputs(model, x, "held-out x") if model is not None else _standalone(x)
+    if model is not None:
+        x = standardize_inputs(model, x, "held-out x")
+    else:
+        x = _standalone(x)
+        x = dict(enumerate(x)) if isinstance(x, (list, tuple)) else x  # keyed from here on
     n = num_samples(x)
     if y is not None:
         y = _pick_y(y, _output_key(model, output, y))

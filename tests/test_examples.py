@@ -122,8 +122,14 @@ CHECKS = {
 }
 
 
+# Examples that start several processes: run (slow) by tests/test_distributed.py.
+MULTI_PROCESS = {"multi_worker", "jax_data_parallel"}
+
+
 def test_every_example_is_tested():
-    assert {p.stem for p in EXAMPLES.glob("*.py")} == set(CHECKS)
+    assert {p.stem for p in EXAMPLES.glob("*.py")} == set(CHECKS) | MULTI_PROCESS
+    distributed = (Path(__file__).parent / "test_distributed.py").read_text()
+    assert all(f'_example("{name}")' in distributed for name in MULTI_PROCESS)
 
 
 HEAVY = {"text_classification", "structured_shrink", "pretrained_finetune"}  # -m slow

@@ -178,3 +178,9 @@ def test_output_names_of_list_outputs_select_targets():
     np.testing.assert_array_equal(picked, -np.arange(10))
     with pytest.raises(ValueError, match=r"names none of the model's outputs \['a', 'b'\]"):
         S.held_out_arrays((x, [np.arange(10)] * 2), model=model, output="c")
+
+
+def test_a_list_of_inputs_without_a_model_is_keyed_by_position():
+    x, y = S.held_out_arrays(([np.ones((10, 3)), np.zeros((10, 2))], np.arange(10) % 2), 6)
+    assert sorted(x) == [0, 1] and x[0].shape == (6, 3) and x[1].shape == (6, 2)
+    assert y.shape == (6,)

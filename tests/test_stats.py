@@ -356,3 +356,21 @@ def test_mirrored_strategy_shards_give_the_single_device_statistics(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert "RESULT model True" in r.stdout, r.stdout + r.stderr[-3000:]
     assert "RESULT empirical True" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+def test_mixed_precision_statistics_are_accumulated_in_float32():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = kib.prune(keras.Sequential([
+            keras.Input((8, 8, 1)), keras.layers.Conv2D(16, 3, activation="relu"),
+            keras.layers.Flatten(), keras.layers.Dense(10, dtype="float32")]))
+        x = np.random.default_rng(0).normal(size=(512, 8, 8, 1)).astype("float32") * 30
+        stats = S.StatisticsPass(model, S.find_wrappers(model), ("gram", "x2"))(x, None)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    gram = stats[1]["gram"]  # the Dense layer's 576 x 576 input Gram (ReLU: rank-deficient)
+    eig = np.linalg.eigvalsh(gram)
+    assert eig.min() >= -1e-5 * eig.max()  # positive semi-definite up to float32 rounding
+    # float16 sums of 512 squares of ~30-scale inputs would overflow past 65504
+    assert np.all(np.isfinite(gram)) and np.all(np.isfinite(stats[1]["x2"]))
