@@ -308,6 +308,7 @@ def test_lazily_built_subclassed_model_needs_no_manual_build():
     (kib.Iterative(0.75, cycles=2, epochs_per_cycle=1), 0.75),
     (kib.PolynomialDecay(0.0, 0.8, 0, 2), 0.8),
 ])
+@pytest.mark.slow  # >= 4 s on 2 cores: run by .ci/run's slow pass
 def test_update_every_n_applies_points_between_grid_steps(schedule, final):
     model = _compile(kib.prune(small_cnn()))
     cb = kib.IBPruning(schedule, update_every=3, score="magnitude")

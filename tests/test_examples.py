@@ -132,7 +132,8 @@ def test_every_example_is_tested():
     assert all(f'_example("{name}")' in distributed for name in MULTI_PROCESS)
 
 
-HEAVY = {"text_classification", "structured_shrink", "pretrained_finetune"}  # -m slow
+HEAVY = {"text_classification", "structured_shrink", "pretrained_finetune", "mnist_cnn",
+         "subclassed_model"}  # -m slow
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n

@@ -142,6 +142,7 @@ def test_unstructured_dense_kernel_is_only_stored_sparse(data, tmp_path):
     assert tensor["consumers"] == ["DENSIFY"] and not tensor["executed_sparse"]
 
 
+@pytest.mark.slow  # >= 4 s on 2 cores: run by .ci/run's slow pass
 def test_int8_keeps_block_sparse_encoding_and_int8_io(pruned, data, tmp_path):
     x, y = data
     path = tmp_path / "q.tflite"
@@ -163,6 +164,7 @@ def test_int8_keeps_block_sparse_encoding_and_int8_io(pruned, data, tmp_path):
 
 
 @pytest.mark.parametrize("quantize", ["float16", "dynamic"])
+@pytest.mark.slow  # >= 4 s on 2 cores: run by .ci/run's slow pass
 def test_float16_and_dynamic_verify(pruned, data, tmp_path, quantize):
     path = tmp_path / f"{quantize}.tflite"
     report = export_tflite(pruned, path, quantize=quantize, verify_data=data[0][:64],
@@ -300,6 +302,7 @@ def test_report_is_serializable_and_printable(pruned, data, tmp_path):
         assert needle in text
 
 
+@pytest.mark.slow  # >= 4 s on 2 cores: run by .ci/run's slow pass
 def test_report_says_what_it_verified_against(pruned, data, tmp_path):
     x = data[0]
     plain = export_tflite(pruned, tmp_path / "a.tflite", **FAST)
@@ -387,6 +390,7 @@ def test_two_inputs_bad_verify_data_is_named(tmp_path):
     assert "integer ids" in report.verified_on
 
 
+@pytest.mark.slow  # >= 4 s on 2 cores: run by .ci/run's slow pass
 def test_sparse_auto_keeps_the_encoding_smaller_once_gzipped(pruned, data, tmp_path):
     report = export_tflite(pruned, tmp_path / "a.tflite", sparse="auto", latency_runs=0,
                            verify_data=data[0][:32])

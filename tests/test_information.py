@@ -129,6 +129,7 @@ def test_reconstruction_keeps_zeros_and_beats_plain_masking(digits):
     assert losses[True] < losses[False]
 
 
+@pytest.mark.slow  # >= 4 s on 2 cores: run by .ci/run's slow pass
 def test_ib_is_deterministic(digits):
     x, y = digits
     runs = []
@@ -142,6 +143,7 @@ def test_ib_is_deterministic(digits):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # >= 4 s on 2 cores: run by .ci/run's slow pass
 def test_label_free_mode_uses_the_dense_teacher(digits):
     x, y = digits
     model = kib.prune(_cnn())
@@ -272,6 +274,7 @@ def test_plot_information_plane_without_entries():
         plot_information_plane({"loss": [1.0]})
 
 
+@pytest.mark.slow  # >= 4 s on 2 cores: run by .ci/run's slow pass
 def test_ib_default_on_embedding_attention_and_lstm():
     inp = keras.Input((6,))
     e = L.Embedding(30, 8, name="emb")(inp)

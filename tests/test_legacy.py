@@ -101,7 +101,7 @@ def legacy(tmp_path_factory):
         ("sequential", "h5"),
         pytest.param("functional", "h5", marks=pytest.mark.slow),
         pytest.param("sequential", "savedmodel", marks=pytest.mark.slow),
-        ("functional", "savedmodel"),
+        pytest.param("functional", "savedmodel", marks=pytest.mark.slow),
     ],
 )
 def test_legacy_file_loads_prunes_trains_strips(legacy, kind, fmt):

@@ -428,6 +428,7 @@ def test_keras_hub_bert_classifier_prunes_attention_and_feed_forward(tmp_path):
     ],
     ids=["bidirectional", "time_distributed"],
 )
+@pytest.mark.slow  # >= 4 s on 2 cores: run by .ci/run's slow pass
 def test_keras_wrapper_layers_are_entered(make, shape, tmp_path):
     inp = keras.Input(shape)
     model = keras.Model(inp, keras.layers.Dense(2, name="out")(make()(inp)))

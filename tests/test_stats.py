@@ -223,6 +223,7 @@ def test_statistics_of_a_two_input_model_follow_the_chosen_output(dict_outputs):
 
 
 @pytest.mark.parametrize("score", ["ib", "obs", "activation"])
+@pytest.mark.slow  # >= 4 s on 2 cores: run by .ci/run's slow pass
 def test_pruning_a_two_input_two_output_model_from_dict_held_out_data(score):
     model = kib.prune(_two_input_two_output())
     model.compile("adam", {"cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -268,6 +269,7 @@ def test_statistics_do_not_depend_on_the_batch_size():
 
 
 @pytest.mark.parametrize("form", ["unbatched", "batched_7", "callable"])
+@pytest.mark.slow  # >= 4 s on 2 cores: run by .ci/run's slow pass
 def test_a_streamed_dataset_gives_the_statistics_of_the_arrays(form):
     from keras_ibprune.stream import HeldOutStream
 
