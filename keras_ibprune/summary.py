@@ -167,18 +167,7 @@ def plot_information_plane(history, layers=None, ax=None):
     kib.plot_information_plane(history).figure.savefig("ip.png")
     ```
     """
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "plot_information_plane needs matplotlib: `pip install matplotlib`."
-        ) from e
-    logs = getattr(history, "history", history)
-    if not isinstance(logs, dict):
-        raise ValueError(
-            "Expected a keras History or its `.history` dict. Received: "
-            f"history of type {type(history).__name__}"
-        )
+    plt, logs = _pyplot_and_logs("plot_information_plane", history)
     names = [k[len("I_XT/"):] for k in logs if k.startswith("I_XT/") and f"I_TY/{k[5:]}" in logs]
     if layers is not None:
         names = [n for n in names if n in set(layers)]
@@ -231,16 +220,7 @@ def plot_units_kept(history, layers=None, ax=None):
     kib.plot_units_kept(history).figure.savefig("units.png")
     ```
     """
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("plot_units_kept needs matplotlib: `pip install matplotlib`.") from e
-    logs = getattr(history, "history", history)
-    if not isinstance(logs, dict):
-        raise ValueError(
-            "Expected a keras History or its `.history` dict. Received: "
-            f"history of type {type(history).__name__}"
-        )
+    plt, logs = _pyplot_and_logs("plot_units_kept", history)
     prefix = "vib/units/"
     names = [k[len(prefix):] for k in logs if k.startswith(prefix)]
     if layers is not None:
@@ -266,3 +246,18 @@ def plot_units_kept(history, layers=None, ax=None):
     ax.set_title("Units kept per layer (marker colour: mean log α)")
     ax.legend(fontsize=8)
     return ax
+
+
+def _pyplot_and_logs(name, history):
+    """`matplotlib.pyplot` and the epoch logs of a keras `History` (or its dict)."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"{name} needs matplotlib: `pip install matplotlib`.") from e
+    logs = getattr(history, "history", history)
+    if not isinstance(logs, dict):
+        raise ValueError(
+            "Expected a keras History or its `.history` dict. Received: "
+            f"history of type {type(history).__name__}"
+        )
+    return plt, logs
