@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import pathlib
 import platform
 import statistics
 import sys
@@ -64,6 +65,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--no-tfmot", action="store_true")
+    p.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results"
+                                         / "overhead.md"))
     args = p.parse_args(argv)
 
     (x, y), _ = _data.load(args.data)
@@ -95,34 +98,39 @@ def main(argv=None):
                 cpu[name].append(time.process_time() - c0)
     # Each wrapper against the plain model of its own framework (Keras 3 / tf_keras).
     reference = {"keras_ibprune": "keras (plain)", "tfmot": "tf_keras (plain)"}
-    print(
+    lines = [
         f"# Training overhead ({args.data}, {len(x)} samples, batch {args.batch_size}, "
-        f"{args.rounds} timed epochs each, interleaved)"
-    )
-    print(
+        f"{args.rounds} timed epochs each, interleaved)",
         f"date: {datetime.date.today()}, machine: {platform.machine()} "
-        f"{os.cpu_count()} CPUs, python {platform.python_version()}"
-    )
-    # CPU time (all threads) is the robust figure here: this machine's CPU quota throttles
-    # wall time in steps (epochs cluster at ~1.8 s and ~2.65 s whatever runs).
-    print("| model | median epoch CPU (s) | CPU ratio to its plain model | median epoch wall (s) "
-          "| wall ratio |")
-    print("|---|---|---|---|---|")
+        f"{os.cpu_count()} CPUs, python {platform.python_version()}; command: `python "
+        f"benchmarks/bench_overhead.py {' '.join(sys.argv[1:])}`",
+        # CPU time (all threads) is the robust figure here: this machine's CPU quota
+        # throttles wall time in steps (epochs cluster at ~1.8 s and ~2.65 s whatever runs).
+        "| model | median epoch CPU (s) | CPU ratio to its plain model | median epoch wall (s) "
+        "| wall ratio |",
+        "|---|---|---|---|---|",
+    ]
     for name in times:
         ref = reference.get(name, name)
         c, w = statistics.median(cpu[name]), statistics.median(times[name])
         c_ref, w_ref = statistics.median(cpu[ref]), statistics.median(times[ref])
-        print(f"| {name} | {c:.3f} | {c / c_ref:.3f} | {w:.3f} | {w / w_ref:.3f} |")
+        lines.append(f"| {name} | {c:.3f} | {c / c_ref:.3f} | {w:.3f} | {w / w_ref:.3f} |")
     for name, ts in times.items():
-        print(f"raw {name}: " + ", ".join(f"{t:.2f}" for t in ts))
+        lines.append(f"raw {name}: " + ", ".join(f"{t:.2f}" for t in ts))
     sp = [
         float(np.mean(m.numpy() == 0))
         for w in ours[0].layers
         if hasattr(w, "masks")
         for m in w.masks
     ]
-    print(f"keras_ibprune mask sparsity per tensor: {[round(s, 3) for s in sp]}")
-
+    lines.append(f"keras_ibprune mask sparsity per tensor: {[round(s, 3) for s in sp]}")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)  # never a half-written results file
 
 if __name__ == "__main__":
     main()
