@@ -92,6 +92,7 @@ def _only_file(directory):
     return sorted(os.listdir(directory))
 
 
+@pytest.mark.slow  # >= 2.5 s on 2 cores: run by .ci/run's slow pass
 def test_float_sparse_file_is_smaller_and_keeps_sparsity(pruned, data, tmp_path):
     path = tmp_path / "m.tflite"
     report = export_tflite(pruned, path, verify_data=data[0], latency_runs=5)
@@ -337,6 +338,7 @@ def _two_inputs(n=64, seed=0):
             "numeric": rng.normal(size=(n, 4)).astype("float32")}
 
 
+@pytest.mark.slow  # >= 2.5 s on 2 cores: run by .ci/run's slow pass
 def test_two_inputs_two_outputs_float_export_verifies_every_output(tmp_path):
     model, x = _two_input_model(), _two_inputs()
     report = export_tflite(model, tmp_path / "m.tflite", verify_data=x, **FAST)

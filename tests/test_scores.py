@@ -89,6 +89,7 @@ def test_ib_binned_estimator_for_logs_and_units():
     assert 0 < score.logs()["I_TY/hidden"] <= np.log(2)
 
 
+@pytest.mark.slow  # >= 2.5 s on 2 cores: run by .ci/run's slow pass
 def test_scores_are_stateless():
     x, y = _views()
     model = _linear_model(np.eye(2), train_on=(x, y))

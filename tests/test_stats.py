@@ -197,6 +197,7 @@ def _two_input_data(n=120, seed=0):
 
 
 @pytest.mark.parametrize("dict_outputs", [True, False])
+@pytest.mark.slow  # >= 2.5 s on 2 cores: run by .ci/run's slow pass
 def test_statistics_of_a_two_input_model_follow_the_chosen_output(dict_outputs):
     model = kib.prune(_two_input_two_output(dict_outputs))
     x, _ = _two_input_data(40)
