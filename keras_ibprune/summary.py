@@ -168,9 +168,7 @@ def plot_information_plane(history, layers=None, ax=None):
     ```
     """
     plt, logs = _pyplot_and_logs("plot_information_plane", history)
-    names = [k[len("I_XT/"):] for k in logs if k.startswith("I_XT/") and f"I_TY/{k[5:]}" in logs]
-    if layers is not None:
-        names = [n for n in names if n in set(layers)]
+    names = [n for n in _layer_names(logs, "I_XT/", layers) if f"I_TY/{n}" in logs]
     if not names:
         raise ValueError(
             "No information-plane entries (I_XT/<layer>, I_TY/<layer>) in the history "
@@ -222,9 +220,7 @@ def plot_units_kept(history, layers=None, ax=None):
     """
     plt, logs = _pyplot_and_logs("plot_units_kept", history)
     prefix = "vib/units/"
-    names = [k[len(prefix):] for k in logs if k.startswith(prefix)]
-    if layers is not None:
-        names = [n for n in names if n in set(layers)]
+    names = _layer_names(logs, prefix, layers)
     if not names:
         raise ValueError(
             "No 'vib/units/<layer>' entries in the history: train a model pruned with "
@@ -261,3 +257,9 @@ def _pyplot_and_logs(name, history):
             f"history of type {type(history).__name__}"
         )
     return plt, logs
+
+
+def _layer_names(logs, prefix, layers=None):
+    """Layer names of the `<prefix><layer>` log entries, optionally only those in `layers`."""
+    names = [k[len(prefix):] for k in logs if k.startswith(prefix)]
+    return names if layers is None else [n for n in names if n in set(layers)]

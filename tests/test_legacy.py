@@ -233,26 +233,17 @@ def test_legacy_savedmodel_exports_to_tflite(legacy, tmp_path):
 
 @pytest.mark.slow
 def test_pipelines_doc_runs_as_written(tmp_path):
-    import contextlib
-    import io
-    import re
-    from pathlib import Path
+    from test_docs import DOCS, blocks, run_blocks  # the docs' one block runner
 
-    doc = Path(__file__).resolve().parents[1] / "docs" / "pipelines.md"
-    codes = re.findall(r"```python\n(.*?)\n```", doc.read_text(encoding="utf-8"), re.S)
+    codes = blocks(DOCS / "pipelines.md")
     assert len(codes) == 3
-    namespace, out, old = {}, io.StringIO(), os.getcwd()
     try:
-        os.chdir(tmp_path)
-        with contextlib.redirect_stdout(out):
-            for i, code in enumerate(codes):
-                exec(compile(code, f"<pipelines.md block {i}>", "exec"), namespace)  # noqa: S102
+        namespace, out = run_blocks(codes, tmp_path)
     finally:
-        os.chdir(old)
         keras.mixed_precision.set_global_policy("float32")
     assert kib.sparsity(keras.models.load_model(tmp_path / "pruned.keras")) == pytest.approx(
         0.5, abs=1e-3
     )
-    assert "float32 float16" in out.getvalue()
+    assert "float32 float16" in out
     assert kib.sparsity(kib.strip_pruning(namespace["mixed"])) == pytest.approx(0.5, abs=1e-3)
     assert keras.mixed_precision.global_policy().name == "float32"
