@@ -7,16 +7,18 @@ Protocol (one process, every method side by side, per model and seed):
 2. **VIB**: a copy of A gets VIB gates (`kib.prune(..., granularity="channel",
    gates="vib", gamma=γ)`) and trains `--gate-epochs` with the KL term, so every method
    has seen the same number of epochs. For each FLOPs target the units with the lowest
-   α = μ²/σ² go in one shot (`score="vib"`, one global ranking, `target="flops"`), then
+   α = μ²/σ² go in one shot (`score="vib"`, `target="flops"`), then
    `--finetune-epochs` of fine-tuning (gates and KL still on).
 3. **Baselines** (held-out IB unit score, L1, BN-γ, random): a copy of B is masked in one
-   shot at the same FLOPs target (`target="flops"`, the default uniform allocation, the
-   validation split as held-out data for "ib") and fine-tuned `--finetune-epochs`.
-4. γ is chosen per model and FLOPs target on **validation** accuracy of seed 0 from a
-   small grid; seeds 1.. use it. Test accuracy is read once per run and reported as
-   mean ± SE over seeds; VIB − baseline is a paired per-seed difference, called a tie
-   when its magnitude is within one SE.
-5. Bars: LeNet-300-100 at 10x fewer FLOPs and LeNet-5-Caffe at 8x (VIB, chosen γ): the
+   shot at the same FLOPs target (`target="flops"`, the validation split as held-out
+   data for "ib") and fine-tuned `--finetune-epochs`.
+4. Every method's allocation (`--allocations`: uniform = each layer loses the same FLOPs
+   fraction, global = one ranking per unit of FLOPs) and VIB's γ (`--gammas`) are chosen
+   per model and FLOPs target on **validation** accuracy of seed 0; seeds 1.. use them.
+   Test accuracy is read once per run and reported as mean ± SE over seeds; VIB −
+   baseline is a paired per-seed difference, called a tie when its magnitude is within
+   one SE.
+5. Bars: LeNet-300-100 at 10x fewer FLOPs and LeNet-5-Caffe at 8x (VIB, chosen setting): the
    masked model is shrunk (exactness checked), exported to float TFLite and its median
    single-thread latency compared with the dense model's in the same run (seed 0).
 
@@ -50,7 +52,11 @@ BARS = {"lenet300": (10, 1.0), "lenet5": (8, 0.5)}  # (FLOPs reduction, max poin
 
 
 def vgg_bn(input_shape, num_classes=10):
-    """A small VGG-style CNN with BatchNorm: (conv-BN-ReLU)x4 (8-16-16-32), pooling, GAP."""
+    """A small VGG-style CNN with BatchNorm: (conv-BN-ReLU)x4 (8-16-16-32), pooling, GAP.
+
+    BatchNorm momentum 0.9: with ~55 steps per epoch Keras' default 0.99 leaves the moving
+    statistics near their initial values and the model predicts one class at inference.
+    """
     import keras
 
     L = keras.layers
@@ -58,7 +64,7 @@ def vgg_bn(input_shape, num_classes=10):
     h = inp
     for i, (f, pool) in enumerate([(8, True), (16, False), (16, True), (32, False)]):
         h = L.Conv2D(f, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(h)
-        h = L.ReLU()(L.BatchNormalization(name=f"bn{i + 1}")(h))
+        h = L.ReLU()(L.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(h))
         if pool:
             h = L.MaxPooling2D(2)(h)
     h = L.GlobalAveragePooling2D()(h)
@@ -90,11 +96,16 @@ def _accs(model, val, test):
     return float(np.mean(pred[:n] == val[1])), float(np.mean(pred[n:] == test[1]))
 
 
-def _one_shot(model, score, factor, held_out):
+def _one_shot(model, score, factor, held_out, allocation):
     import keras_ibprune as kib
 
     pruner = kib.Pruner(
-        model, kib.OneShot(1.0 - 1.0 / factor), score=score, target="flops", held_out=held_out
+        model,
+        kib.OneShot(1.0 - 1.0 / factor),
+        score=score,
+        target="flops",
+        held_out=held_out,
+        allocation=allocation,
     )
     pruner.reset()
     pruner.update(1, force=True)
@@ -117,7 +128,9 @@ def _latency(model, x, runs):
     return rep.latency_ms
 
 
-def run_seed(name, data, args, seed, gammas, rows, bars):
+def run_seed(name, data, args, seed, cands, rows, bars):
+    """One seed of every method; `cands[(method, level)]` lists the (γ, allocation) pairs
+    to run (all of the grid on seed 0, the validation-chosen one afterwards)."""
     import keras
 
     import keras_ibprune as kib
@@ -130,64 +143,84 @@ def run_seed(name, data, args, seed, gammas, rows, bars):
     snap_a = dense.get_weights()
     dense.fit(*train, epochs=args.gate_epochs, **fit)
     ref = dict(zip(("val", "test"), _accs(dense, val, test)))
-    rows.append(dict(model=name, seed=seed, method="dense", level=1, factor=1.0, gamma=None, **ref))
+    rows.append(
+        dict(
+            model=name,
+            seed=seed,
+            method="dense",
+            level=1,
+            factor=1.0,
+            gamma=None,
+            alloc=None,
+            **ref,
+        )
+    )
     print(f"{name} seed {seed} dense: val {ref['val']:.4f} test {ref['test']:.4f}", flush=True)
 
     for level in LEVELS[name]:
         for method in BASELINES:
             if method == "bn_gamma" and name != "vgg_bn":
                 continue  # no BatchNorm: BN-γ falls back to L1's ranking (same masks)
-            keras.utils.set_random_seed(seed + 100)
-            pruned = _compile(kib.prune(dense, granularity="channel"), args.lr)
-            got = _one_shot(pruned, method, level, val)
-            pruned.fit(*train, epochs=args.finetune_epochs, **fit)
-            rows.append(
-                dict(
-                    model=name,
-                    seed=seed,
-                    method=method,
-                    level=level,
-                    factor=got,
-                    gamma=None,
-                    **dict(zip(("val", "test"), _accs(pruned, val, test))),
+            for _, alloc in cands[(method, level)]:
+                keras.utils.set_random_seed(seed + 100)
+                pruned = _compile(kib.prune(dense, granularity="channel"), args.lr)
+                got = _one_shot(pruned, method, level, val, alloc)
+                pruned.fit(*train, epochs=args.finetune_epochs, **fit)
+                rows.append(
+                    dict(
+                        model=name,
+                        seed=seed,
+                        method=method,
+                        level=level,
+                        factor=got,
+                        gamma=None,
+                        alloc=alloc,
+                        **dict(zip(("val", "test"), _accs(pruned, val, test))),
+                    )
                 )
-            )
-            print(f"{name} seed {seed} {method} {level}x: test {rows[-1]['test']:.4f}", flush=True)
+                print(
+                    f"{name} seed {seed} {method} {alloc} {level}x: val "
+                    f"{rows[-1]['val']:.4f} test {rows[-1]['test']:.4f}",
+                    flush=True,
+                )
 
     base = build(name, train[0].shape[1:])
     base.set_weights(snap_a)
-    for gamma in sorted({g for gs in gammas.values() for g in gs}):
+    wanted = {c for level in LEVELS[name] for c in cands[("vib", level)]}
+    for gamma in sorted({g for g, _ in wanted}):
         keras.utils.set_random_seed(seed + 200)
         gated = _compile(kib.prune(base, granularity="channel", gates="vib", gamma=gamma), args.lr)
         gated.fit(*train, epochs=args.gate_epochs, **fit)
         trained = gated.get_weights()
         for level in LEVELS[name]:
-            if gamma not in gammas[level]:
-                continue
-            keras.utils.set_random_seed(seed + 300)
-            model = _compile(
-                kib.prune(base, granularity="channel", gates="vib", gamma=gamma), args.lr
-            )
-            model.set_weights(trained)
-            got = _one_shot(model, "vib", level, None)
-            model.fit(*train, epochs=args.finetune_epochs, **fit)
-            row = dict(
-                model=name,
-                seed=seed,
-                method="vib",
-                level=level,
-                factor=got,
-                gamma=gamma,
-                **dict(zip(("val", "test"), _accs(model, val, test))),
-            )
-            rows.append(row)
-            print(
-                f"{name} seed {seed} vib γ={gamma:g} {level}x: val {row['val']:.4f} "
-                f"test {row['test']:.4f}",
-                flush=True,
-            )
-            if seed == 0 and BARS.get(name, (None,))[0] == level:
-                bars[(name, gamma)] = (model, dense, row, ref)  # shrunk once γ is chosen
+            for g, alloc in cands[("vib", level)]:
+                if g != gamma:
+                    continue
+                keras.utils.set_random_seed(seed + 300)
+                model = _compile(
+                    kib.prune(base, granularity="channel", gates="vib", gamma=gamma), args.lr
+                )
+                model.set_weights(trained)
+                got = _one_shot(model, "vib", level, None, alloc)
+                model.fit(*train, epochs=args.finetune_epochs, **fit)
+                row = dict(
+                    model=name,
+                    seed=seed,
+                    method="vib",
+                    level=level,
+                    factor=got,
+                    gamma=gamma,
+                    alloc=alloc,
+                    **dict(zip(("val", "test"), _accs(model, val, test))),
+                )
+                rows.append(row)
+                print(
+                    f"{name} seed {seed} vib γ={gamma:g} {alloc} {level}x: val "
+                    f"{row['val']:.4f} test {row['test']:.4f}",
+                    flush=True,
+                )
+                if seed == 0 and BARS.get(name, (None,))[0] == level:
+                    bars[(name, gamma, alloc)] = (model, dense, row, ref)  # shrunk once chosen
 
 
 def _bar(model, dense, test, args, row, ref):
@@ -215,19 +248,35 @@ def _bar(model, dense, test, args, row, ref):
     }
 
 
-def select(rows, name, levels):
-    """γ per FLOPs level: the best mean validation accuracy of seed 0's VIB runs."""
+def grid(args, name):
+    """Every (method, level) -> its seed-0 candidates: (γ, allocation) pairs."""
+    allocs = args.allocations.split(",")
+    gammas = [float(g) for g in args.gammas.split(",")]
     out = {}
-    for level in levels:
-        cands = [
+    for level in LEVELS[name]:
+        for method in BASELINES:
+            out[(method, level)] = [(None, a) for a in allocs]
+        out[("vib", level)] = [(g, a) for g in gammas for a in allocs]
+    return out
+
+
+def select(rows, name, cands):
+    """The candidate with the best validation accuracy on seed 0, per (method, level)."""
+    out = {}
+    for (method, level), options in cands.items():
+        runs = [
             r
             for r in rows
             if r["model"] == name
-            and r["method"] == "vib"
+            and r["method"] == method
             and r["seed"] == 0
             and r["level"] == level
         ]
-        out[level] = [max(cands, key=lambda r: r["val"])["gamma"]]
+        if runs:
+            best = max(runs, key=lambda r: r["val"])
+            out[(method, level)] = [(best["gamma"], best["alloc"])]
+        else:
+            out[(method, level)] = options[:1]
     return out
 
 
@@ -243,15 +292,19 @@ def report(rows, bars, args, data, seconds):
         f"- Budget (reduced to fit ~30 min on 2 shared cores): {args.dense_epochs} dense + "
         f"{args.gate_epochs} epochs (gate training for VIB, more dense training for the "
         f"others), one-shot masks, {args.finetune_epochs} fine-tuning epochs; Adam "
-        f"{args.lr:g}, batch {args.batch}; γ grid {args.gammas} on seed 0's validation "
-        f"accuracy only, per model and FLOPs target; seeds 0..{args.seeds - 1}.",
-        "- Test accuracy (%): mean ± SE over seeds. Δ = VIB − method, paired per seed "
-        "(points); |Δ| ≤ SE is a tie. Baselines use the default uniform allocation "
-        "(each layer loses the same FLOPs fraction); VIB ranks α globally. BN-γ runs on "
+        f"{args.lr:g}, batch {args.batch}. Chosen on seed 0's validation accuracy only, "
+        f"per model, method and FLOPs target: the allocation ({args.allocations}) for "
+        f"every method and γ ({args.gammas}) for VIB; seeds 0..{args.seeds - 1} use the "
+        "choice.",
+        "- Allocation: `uniform` = every layer loses the same FLOPs fraction, units ranked "
+        "within each layer; `global` = one ranking of score per unit of FLOPs across layers "
+        "(raw α for VIB, layer-normalized scores for the others).",
+        "- Test accuracy (%): mean ± SE over seeds, with the chosen setting in brackets. "
+        "Δ = VIB − method, paired per seed (points); |Δ| ≤ SE is a tie. BN-γ runs on "
         "vgg_bn only: the LeNets have no BatchNorm and BN-γ would fall back to L1's ranking "
         "(the same masks).",
         "",
-        "| model | FLOPs | dense | VIB (γ) | IB unit score | L1 | BN-γ | random | "
+        "| model | FLOPs | dense | VIB (γ, allocation) | IB unit score | L1 | BN-γ | random | "
         "Δ vs IB | Δ vs L1 | Δ vs random |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -260,6 +313,7 @@ def report(rows, bars, args, data, seconds):
         for level in LEVELS[name]:
 
             def acc(method, name=name, level=level):
+                choice = args.chosen[name].get((method, level), [(None, None)])[0]
                 rs = sorted(
                     (
                         r
@@ -267,15 +321,19 @@ def report(rows, bars, args, data, seconds):
                         if r["model"] == name
                         and r["method"] == method
                         and r["level"] == level
-                        and (method != "vib" or r["gamma"] == args.chosen[name][level][0])
+                        and (r["gamma"], r["alloc"]) == choice
                     ),
                     key=lambda r: r["seed"],
                 )
                 return [r["test"] for r in rs]
 
+            def label(method, name=name, level=level):
+                gamma, alloc = args.chosen[name].get((method, level), [(None, None)])[0]
+                return f" ({gamma:g}, {alloc})" if gamma is not None else f" ({alloc})"
+
             vib = acc("vib")
-            cells = [fmt(vib) + f" ({args.chosen[name][level][0]:g})"]
-            cells += [fmt(acc(m)) for m in BASELINES]
+            cells = [fmt(vib) + label("vib")]
+            cells += [fmt(acc(m)) + (label(m) if acc(m) else "") for m in BASELINES]
             for m in ("ib", "l1", "random"):
                 other = acc(m)
                 if len(other) == len(vib) and vib:
@@ -318,9 +376,10 @@ def main(argv=None):
     p.add_argument("--models", default="lenet300,lenet5,vgg_bn")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--dense-epochs", type=int, default=3)
-    p.add_argument("--gate-epochs", type=int, default=2)
+    p.add_argument("--gate-epochs", type=int, default=4)
     p.add_argument("--finetune-epochs", type=int, default=2)
-    p.add_argument("--gammas", default="1e-4,1e-3")
+    p.add_argument("--gammas", default="1e-5,1e-4,1e-3")
+    p.add_argument("--allocations", default="uniform,global")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--latency-runs", type=int, default=200)
@@ -330,20 +389,19 @@ def main(argv=None):
     if args.quick:
         args.dense_epochs, args.gate_epochs, args.finetune_epochs = 1, 1, 1
         args.seeds, args.latency_runs, args.gammas = 1, 10, "1e-3"
+        args.allocations = "uniform"
     start = time.perf_counter()
     data = _data.splits(args.data)
-    grid = [float(g) for g in args.gammas.split(",")]
     rows, bars, args.chosen = [], {}, {}
     for name in args.models.split(","):
-        levels = LEVELS[name]
+        cands = grid(args, name)
         for seed in range(args.seeds):
+            run_seed(name, data, args, seed, cands, rows, bars)
             if seed == 0:
-                gammas = {lv: grid for lv in levels}
-            run_seed(name, data, args, seed, gammas, rows, bars)
-            if seed == 0:
-                gammas = args.chosen[name] = select(rows, name, levels)
-                if name in BARS:  # the chosen γ's seed-0 run at the bar's level
-                    model, dense, row, ref = bars.pop((name, gammas[BARS[name][0]][0]))
+                cands = args.chosen[name] = select(rows, name, cands)
+                if name in BARS:  # the chosen setting's seed-0 run at the bar's level
+                    gamma, alloc = cands[("vib", BARS[name][0])][0]
+                    model, dense, row, ref = bars.pop((name, gamma, alloc))
                     bars[name] = _bar(model, dense, data[2], args, row, ref)
                     for key in [k for k in bars if isinstance(k, tuple)]:
                         bars.pop(key)
@@ -361,7 +419,9 @@ def _write(rows, bars, args, data, seconds):
             {
                 "rows": rows,
                 "bars": bars,
-                "chosen": {k: {str(lv): g for lv, g in v.items()} for k, v in args.chosen.items()},
+                "chosen": {
+                    k: {f"{m}@{lv}": c for (m, lv), c in v.items()} for k, v in args.chosen.items()
+                },
                 "args": {k: v for k, v in vars(args).items() if k != "chosen"},
             },
             indent=1,
