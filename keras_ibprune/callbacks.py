@@ -16,6 +16,8 @@ import keras
 from keras_ibprune import stats as stats_lib
 from keras_ibprune.pruner import Pruner
 
+LAYER_LOGS = ("history", "epoch")
+
 
 @keras.saving.register_keras_serializable(package="keras_ibprune")
 class IBPruning(keras.callbacks.Callback):
@@ -30,9 +32,12 @@ class IBPruning(keras.callbacks.Callback):
     step 0). A subclassed model that Keras builds lazily inside `fit` needs no
     manual build: the callback starts after the first step. A warning says when the fit's
     epochs cannot reach the schedule's final sparsity (at train begin and end). The epoch
-    logs get `sparsity` (the fraction of zeros over the *pruned* tensors, as scheduled) and
-    per-layer `sparsity/<layer>`; the per-layer entries and the information logs reach
-    History, CSVLogger and TensorBoard but not the progress bar. The masks live in the
+    logs get `sparsity` (the fraction of zeros over the *pruned* tensors, as scheduled; the
+    figure `kib.sparsity_summary` shows is over all the model's weights, pruned or not),
+    the targets' and VIB gates' totals; per-layer entries (`sparsity/<layer>`,
+    `I_TY/<layer>`, `vib/alpha/<layer>`...) go to `model.history` (the `History` that
+    `fit` returns) by default, so that the progress bar stays readable, or into the epoch
+    logs with `layer_logs="epoch"` (for CSVLogger and TensorBoard). The masks live in the
     model, so saving mid-way (or `BackupAndRestore`) and fitting on with `initial_epoch`
     resumes the schedule exactly.
 
@@ -43,6 +48,9 @@ class IBPruning(keras.callbacks.Callback):
         log_information: also log ``I_TY/<layer>`` and ``I_XT/<layer>`` (nats) every epoch
             for `kib.plot_information_plane(history)`; costs one statistics pass on epochs
             without a mask update.
+        layer_logs: where per-layer entries go: `"history"` (only `model.history`, kept
+            off the progress bar) or `"epoch"` (the epoch logs every later callback sees:
+            the progress bar, CSVLogger, TensorBoard).
         **pruner_kwargs: every other `Pruner` argument: `score`, `allocation`, `held_out`
             (from validation data), `held_out_size`, `min_density`, `regrow`, `verbose`,
             `output`, `exclude`, `keep_connected`, `target`, `min_width`, `round_to`.
@@ -59,8 +67,13 @@ class IBPruning(keras.callbacks.Callback):
     """
 
     def __init__(self, schedule, update_every="epoch", log_information=False,
-                 **pruner_kwargs):
+                 layer_logs="history", **pruner_kwargs):
         super().__init__()
+        if layer_logs not in LAYER_LOGS:
+            raise ValueError(
+                f"`layer_logs` must be one of {LAYER_LOGS}. Received: layer_logs={layer_logs!r}"
+            )
+        self.layer_logs = layer_logs
         if not (update_every == "epoch" or (isinstance(update_every, int)
                                             and not isinstance(update_every, bool)
                                             and update_every >= 1)):
@@ -211,7 +224,23 @@ class IBPruning(keras.callbacks.Callback):
             self.pruner.rezero()
             self.pruner.measure()  # only with log_information=True
         if logs is not None:
-            logs.update(self.pruner.logs())
+            self._log(logs)
+
+    def _log(self, logs):
+        """Totals into the epoch logs; per-layer entries into `model.history` (History
+        appends the epoch logs after this callback, so both stay one entry per epoch)."""
+        entries = self.pruner.logs()
+        history = getattr(self.model, "history", None)
+        if self.layer_logs == "epoch" or not isinstance(
+                getattr(history, "history", None), dict):
+            logs.update(entries)
+            return
+        layers = {self.pruner.log_name(w) for w in self.pruner.wrappers}
+        for key, value in entries.items():
+            if "/" in key and key.rsplit("/", 1)[1] in layers:
+                history.history.setdefault(key, []).append(value)
+            else:
+                logs[key] = value
 
     def on_train_end(self, logs=None):
         if not self._ready:
@@ -230,6 +259,7 @@ class IBPruning(keras.callbacks.Callback):
     def get_config(self):
         config = self.pruner.get_config()
         config["update_every"] = self.update_every
+        config["layer_logs"] = self.layer_logs
         return config
 
     @classmethod

@@ -43,14 +43,32 @@ def test_target_sparsity_reached_exactly_per_layer(kind):
     assert history.history["sparsity"][0] < history.history["sparsity"][1] < 0.76
 
 
-def test_logs_reach_history_and_csvlogger(tmp_path):
+def test_layer_logs_epoch_reach_csvlogger(tmp_path):
     model = _compile(kib.prune(small_cnn()))
     csv = tmp_path / "log.csv"
-    cb = kib.IBPruning(kib.ConstantSparsity(0.5), score="magnitude")
+    cb = kib.IBPruning(kib.ConstantSparsity(0.5), score="magnitude", layer_logs="epoch")
     x, y = data(64)
     model.fit(x, y, epochs=2, verbose=0, callbacks=[cb, keras.callbacks.CSVLogger(str(csv))])
     header = csv.read_text().splitlines()[0].split(",")
     assert {"sparsity", "sparsity/conv", "sparsity/fc1", "sparsity/logits"} <= set(header)
+
+
+def test_per_layer_logs_stay_off_the_progress_bar(capsys):
+    model = _compile(kib.prune(small_cnn()))
+    seen = []
+    spy = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: seen.append(set(logs)))
+    cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.5, 0, 2), score="magnitude")
+    x, y = data(64)
+    history = model.fit(x, y, epochs=3, verbose=2, callbacks=[cb, spy])
+    printed = capsys.readouterr().out
+    assert "sparsity/" not in printed and "sparsity: 0.5" in printed
+    assert "sparsity" in seen[-1] and not any("/" in k for k in seen[-1])
+    h = history.history
+    for layer in ("conv", "fc1", "logits"):  # one entry per epoch, aligned with "sparsity"
+        assert len(h[f"sparsity/{layer}"]) == len(h["sparsity"]) == 3
+    assert h["sparsity/fc1"][-1] == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(ValueError, match="Received: layer_logs='bar'"):
+        kib.IBPruning(0.5, layer_logs="bar")
 
 
 def test_verbose_prints_one_line_per_update(capsys):
@@ -161,7 +179,8 @@ def test_pruner_in_a_custom_loop():
     {"score": "random", "allocation": "erk", "update_every": 10, "min_density": 0.05},
     {"score": kib.IBScore(fisher="empirical", damping=0.1), "log_information": True,
      "held_out_size": 512, "exclude": ["fc1"], "keep_connected": "all"},
-    {"target": "flops", "min_width": 4, "round_to": 8, "regrow": True, "output": 0},
+    {"target": "flops", "min_width": 4, "round_to": 8, "regrow": True, "output": 0,
+     "layer_logs": "epoch"},
 ])
 def test_callback_config_round_trip(kwargs):
     cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.9, 1, 5), **kwargs)

@@ -85,7 +85,7 @@ def test_ib_default_reaches_target_with_one_global_threshold(digits, tmp_path):
     x, y = digits
     model = kib.prune(_cnn())
     cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.8, 0, 2), held_out=(x[:256], y[:256]),
-                       log_information=True)
+                       log_information=True, layer_logs="epoch")
     csv = tmp_path / "log.csv"
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
     history = model.fit(x, y, batch_size=64, epochs=3, verbose=0,
