@@ -24,8 +24,9 @@ from keras_ibprune.nested import (
     nested_targets,
     warn_left_dense,
 )
+from keras_ibprune.patterns import check_pattern, supports_pattern
 from keras_ibprune.stats import find_wrappers
-from keras_ibprune.wrapper import PruneWrapper, check_pattern, supports_pattern
+from keras_ibprune.wrapper import PruneWrapper
 
 
 def _is_graph_model(model):
