@@ -21,7 +21,7 @@ import tempfile
 import keras
 import numpy as np
 
-from keras_ibprune import _keras_compat, _tflite_inspect, heldout, signature
+from keras_ibprune import _keras_compat, _tflite_inspect, _tflite_runner, heldout, signature
 
 _QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
 _IO_DTYPES = ("float32", "int8", "uint8")
@@ -307,7 +307,7 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
             gzip_bytes=len(gzip.compress(tflite, 9)), ops=ops, tensors=tensors,
             params=params, nonzero_params=nonzero, flops=flops, notes=notes,
             verified_on=verified_on if verify else None)
-        runner = _tflite_inspect.Runner(tmp)
+        runner = _tflite_runner.Runner(tmp)
         report.inputs, report.outputs = runner.io_details()
         if verify:
             _verify(model, runner, verify_x, inputs, quantize, tolerance, min_agreement,
