@@ -16,13 +16,12 @@ after the model's outputs; verification compares every output.
 import dataclasses
 import gzip
 import os
-import re
 import tempfile
 
 import keras
 import numpy as np
 
-from keras_ibprune import _keras_compat, _tflite_inspect, heldout
+from keras_ibprune import _keras_compat, _tflite_inspect, _tflite_runner, heldout, signature
 
 _QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
 _IO_DTYPES = ("float32", "int8", "uint8")
@@ -102,101 +101,6 @@ def _strip(model):
     return model
 
 
-@dataclasses.dataclass
-class _Input:
-    key: str | None  # the model's input key (None: call the model with one tensor)
-    arg: str  # the signature's input name
-    shape: tuple  # with the batch dimension
-    dtype: str  # "float32" or "int32" in the file
-    model_dtype: str
-
-
-def _arg_names(keys):
-    names = []
-    for key in keys:
-        name = re.sub(r"\W", "_", str(key)) or "input"
-        name = name if not name[0].isdigit() else f"input_{name}"
-        while name in names:
-            name += "_"
-        names.append(name)
-    return names
-
-
-def _file_dtype(dtype):
-    dtype = str(dtype)
-    if "int" in dtype or dtype == "bool":
-        return "int32"
-    return "float32"
-
-
-def _signature(model, input_shape, arrays):
-    """The file's inputs (`_Input`s, in the model's input order)."""
-    if input_shape is not None:
-        return [_Input(None, "x", (None,) + tuple(input_shape), "float32", "float32")]
-    specs = heldout.input_specs(model)
-    if specs:
-        single = len(specs) == 1
-        return [_Input(None if single else key, arg, shape, _file_dtype(dtype), dtype)
-                for (key, shape, dtype), arg in zip(specs, _arg_names(k for k, _, _ in specs))]
-    for data in arrays:
-        if data is None:
-            continue
-        if isinstance(data, dict):
-            keyed = {k: np.asarray(v) for k, v in data.items()}
-            return [_Input(k, arg, (None,) + v.shape[1:], _file_dtype(v.dtype), str(v.dtype))
-                    for (k, v), arg in zip(keyed.items(), _arg_names(keyed))]
-        if isinstance(data, (list, tuple)):
-            raise ValueError("A subclassed model with several inputs needs `verify_data` as a "
-                             "dict keyed by input name. Received: a list of arrays")
-        arr = np.asarray(data)
-        return [_Input(None, "x", (None,) + arr.shape[1:], "float32", "float32")]
-    raise ValueError("Cannot infer the input shape of this subclassed model. Pass "
-                     "`input_shape=` or `verify_data=`. Received: input_shape=None")
-
-
-def _check_data(name, data, model, inputs):
-    """`data` validated against the model as `{signature input name: array}`, or None."""
-    if data is None:
-        return None
-    if heldout.input_specs(model) or inputs[0].key is not None:
-        x = heldout.standardize_inputs(model, data, name)
-    else:  # a subclassed single-input model: the declared or inferred shape
-        x = np.asarray(data)
-        heldout.check_shape(inputs[0].shape, x, name)
-    if not isinstance(x, dict):
-        x = {None: x}
-    return {i.arg: np.asarray(x[i.key]).astype(i.dtype) for i in inputs}
-
-
-def _model_feed(x, inputs):
-    """Signature-keyed arrays as the model takes them (one array or a dict by key)."""
-    if inputs[0].key is None:
-        return x[inputs[0].arg].astype(inputs[0].model_dtype)
-    return {i.key: x[i.arg].astype(i.model_dtype) for i in inputs}
-
-
-def _output_names(model, outputs):
-    if isinstance(outputs, dict):
-        return list(outputs)
-    if isinstance(outputs, (list, tuple)):
-        names = list(getattr(model, "output_names", None) or [])
-        return names if len(names) == len(outputs) else [f"output_{i}" for i in
-                                                          range(len(outputs))]
-    return ["output_0"]
-
-
-def _flat_outputs(outputs):
-    if isinstance(outputs, dict):
-        return list(outputs.values())
-    if isinstance(outputs, (list, tuple)):
-        return list(outputs)
-    return [outputs]
-
-
-def _random_inputs(inputs, n=32):
-    rng = np.random.default_rng(0)
-    return {i.arg: (rng.integers(0, 2, size=(n,) + i.shape[1:]) if i.dtype == "int32"
-                    else rng.normal(size=(n,) + i.shape[1:])).astype(i.dtype) for i in inputs}
 
 
 def _check_path(filepath):
@@ -226,9 +130,9 @@ def _convert(model, inputs, sparse, quantize, representative, io_dtype):
         feed = {i.key: tf.cast(a, i.model_dtype) if i.dtype != i.model_dtype else a
                 for i, a in zip(inputs, args)}
         out = model(feed.pop(None) if None in feed else feed, training=False)
-        flat = _flat_outputs(out)
-        return flat[0] if len(flat) == 1 else dict(zip(_arg_names(_output_names(model, out)),
-                                                       flat))
+        flat = signature.flat_outputs(out)
+        names = signature.arg_names(signature.output_names(model, out))
+        return flat[0] if len(flat) == 1 else dict(zip(names, flat))
 
     specs = [tf.TensorSpec(i.shape, tf.as_dtype(i.dtype), name=i.arg) for i in inputs]
     with tempfile.TemporaryDirectory() as saved_model_dir:
@@ -356,9 +260,10 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
                          "(an array of model inputs). Received: representative_data=None")
     path = _check_path(filepath)
     model = _strip(model)
-    inputs = _signature(model, input_shape, (verify_data, representative_data))
-    representative = _check_data("representative_data", representative_data, model, inputs)
-    verify_x = _check_data("verify_data", verify_data, model, inputs)
+    inputs = signature.file_inputs(model, input_shape, (verify_data, representative_data))
+    representative = signature.check_data("representative_data", representative_data, model,
+                                          inputs)
+    verify_x = signature.check_data("verify_data", verify_data, model, inputs)
     notes = []
     verified_on = None if verify_x is None else (
         f"verify_data ({heldout.num_samples(verify_x)} samples)")
@@ -368,7 +273,7 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
             verified_on = (f"representative_data ({heldout.num_samples(verify_x)} samples; "
                            "no verify_data)")
         else:
-            verify_x = _random_inputs(inputs)
+            verify_x = signature.random_inputs(inputs)
             ints = any(i.dtype == "int32" for i in inputs)
             verified_on = (f"32 random N(0, 1) inputs{' (integer ids 0/1)' if ints else ''}, "
                            "NOT real data (pass verify_data= to verify on your inputs)")
@@ -402,13 +307,13 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
             gzip_bytes=len(gzip.compress(tflite, 9)), ops=ops, tensors=tensors,
             params=params, nonzero_params=nonzero, flops=flops, notes=notes,
             verified_on=verified_on if verify else None)
-        runner = _tflite_inspect.Runner(tmp)
+        runner = _tflite_runner.Runner(tmp)
         report.inputs, report.outputs = runner.io_details()
         if verify:
             _verify(model, runner, verify_x, inputs, quantize, tolerance, min_agreement,
                     report)
         if latency_runs:
-            sample = verify_x if verify_x is not None else _random_inputs(inputs, 1)
+            sample = verify_x if verify_x is not None else signature.random_inputs(inputs, 1)
             report.latency_ms = runner.latency_ms(sample, latency_runs)
         report.interpreter = runner.name
         report.notes.extend(runner.notes)
@@ -432,10 +337,10 @@ def _verify(model, runner, x, inputs, quantize, tolerance, min_agreement, report
     default_tol, default_agree = _DEFAULT_TOLERANCE[quantize]
     tolerance = default_tol if tolerance is None else tolerance
     min_agreement = default_agree if min_agreement is None else min_agreement
-    feed = _model_feed(x, inputs)
+    feed = signature.model_feed(x, inputs)
     keras_out = model.predict(feed, batch_size=256, verbose=0)
-    expected = [np.asarray(o, np.float32) for o in _flat_outputs(keras_out)]
-    names = _arg_names(_output_names(model, keras_out))
+    expected = [np.asarray(o, np.float32) for o in signature.flat_outputs(keras_out)]
+    names = signature.arg_names(signature.output_names(model, keras_out))
     actual, single = runner.predict(x), runner.predict(
         {k: v[:8] for k, v in x.items()}, batch_size=1)
     if not isinstance(actual, dict):

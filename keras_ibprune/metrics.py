@@ -7,7 +7,7 @@ import os
 import numpy as np
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from keras_ibprune import _tflite_inspect
+from keras_ibprune import _tflite_runner
 from keras_ibprune.heldout import num_samples
 from keras_ibprune.likelihood import output_of, resolve_output
 
@@ -48,7 +48,7 @@ def evaluate(model_or_tflite_path, x, y, batch_size=256, output=None):
         if not os.path.isfile(path):
             raise ValueError(f"No .tflite file at the given path. Received: "
                              f"model_or_tflite_path={path!r}")
-        scores = _tflite_inspect.Runner(path).predict(x, batch_size)
+        scores = _tflite_runner.Runner(path).predict(x, batch_size)
         if isinstance(scores, dict):
             scores = _pick(scores, output, list(scores))
     else:

@@ -19,7 +19,8 @@ import keras
 import numpy as np
 
 from keras_ibprune import _keras_compat, registry
-from keras_ibprune.wrapper import PruneWrapper, _single_shape_build, check_pattern
+from keras_ibprune.patterns import check_pattern
+from keras_ibprune.wrapper import PruneWrapper, _single_shape_build
 
 
 def nested_targets(layer, wanted, skip=frozenset(), path=()):

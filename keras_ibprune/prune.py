@@ -16,22 +16,16 @@ import warnings
 import keras
 import numpy as np
 
-from keras_ibprune import _keras_compat, registry
+from keras_ibprune import _keras_compat, registry, selection
 from keras_ibprune import gates as gates_lib
 from keras_ibprune.nested import (
     NestedPruneWrapper,
     left_dense,
-    nested_targets,
     warn_left_dense,
 )
+from keras_ibprune.patterns import check_pattern, supports_pattern
 from keras_ibprune.stats import find_wrappers
-from keras_ibprune.wrapper import PruneWrapper, check_pattern, supports_pattern
-
-
-def _is_graph_model(model):
-    return isinstance(model, keras.Sequential) or any(
-        c.__name__ == "Functional" for c in type(model).__mro__
-    )
+from keras_ibprune.wrapper import PruneWrapper
 
 
 def _all_layers(model):
@@ -55,68 +49,6 @@ def _clone(model, fn):
 
     new_model = keras.models.clone_model(model, clone_function=clone_fn, recursive=True)
     return new_model, pairs
-
-
-def _qualified_layers(model):
-    """`[(qualified name, layer)]` of every layer under `model`: `"outer/inner"` paths."""
-    out = []
-
-    def walk(node, prefix):
-        for layer in _keras_compat.sublayers(node):
-            name = f"{prefix}{layer.name}"
-            out.append((name, layer))
-            walk(layer, name + "/")
-
-    walk(model, "")
-    return out
-
-
-def _resolve_names(to_prune, entries, items, arg):
-    """Layer ids named by `items`: a plain name matches every layer of that name (nested
-    ones too), `"outer/inner"` exactly one path; layer objects are taken as they are."""
-    if items is None:
-        return None
-    if isinstance(items, (str, keras.layers.Layer)):
-        items = [items]
-    ids = set()
-    for item in items:
-        if isinstance(item, keras.layers.Layer):
-            ids.add(id(item))
-            continue
-        if not isinstance(item, str):
-            raise ValueError(f"`{arg}` must hold layer names or layers. Received: {arg}={items!r}")
-        key = 0 if "/" in item else 1
-        found = [la for q, la in entries if (q if key == 0 else la.name) == item]
-        if not found:
-            raise ValueError(
-                f"No layer named {item!r} in model '{to_prune.name}'. Available: "
-                f"{sorted({la.name for _, la in entries})} (nested layers also as "
-                f"'outer/inner' paths). Received: {arg}={items!r}"
-            )
-        ids.update(id(la) for la in found)
-    return ids
-
-
-def _expand(ids, entries, granularity):
-    """Names of containers (custom layers, nested models) stand for their prunable layers."""
-    if ids is None:
-        return None
-    by_id = {id(la): la for _, la in entries}
-    out = set()
-    for lid in ids:
-        layer = by_id.get(lid)
-        if layer is None or registry.is_prunable(layer) or not _keras_compat.sublayers(layer):
-            out.add(lid)
-            continue
-        inner = [la for la in _keras_compat.all_layers(layer) if _selectable(la, granularity)]
-        out.update(id(la) for la in inner) if inner else out.add(lid)
-    return out
-
-
-def _selectable(layer, granularity):
-    if granularity == "channel":
-        return registry.supports_channels(layer)
-    return registry.is_prunable(layer)
 
 
 def prune(
@@ -200,74 +132,16 @@ def prune(
             "not allowed. Call `kib.strip_pruning` first. Received: to_prune="
             f"{to_prune.name!r}"
         )
-    if not _is_graph_model(to_prune):
+    if not selection.is_graph_model(to_prune):
         raise ValueError(
             f"`prune` cannot rebuild the subclassed model '{to_prune.name}'. Wrap its layers "
             "where you define them instead, e.g. `self.fc = kib.PruneWrapper("
             "keras.layers.Dense(10))`; the IBPruning callback, strip_pruning and the summary "
             f"then work on it. Received: to_prune of type {type(to_prune).__name__}"
         )
-    entries = _qualified_layers(to_prune)
-    all_layers = [la for _, la in entries]
-    only = _expand(_resolve_names(to_prune, entries, layers, "layers"), entries, granularity)
-    skip = _resolve_names(to_prune, entries, exclude, "exclude") or set()
-    if only is not None:
-        for lid in only:
-            layer = next(la for la in all_layers if id(la) == lid)
-            if not registry.is_prunable(layer):
-                raise ValueError(registry.unsupported_message(layer))
-            if granularity == "channel" and not registry.supports_channels(layer):
-                raise ValueError(
-                    f"granularity='channel' does not apply to layer {layer.name!r} of type "
-                    f"{type(layer).__name__}; only Dense/Conv-style layers have units to remove."
-                )
-
-    def wanted(layer):
-        if isinstance(layer, keras.Model) or id(layer) in skip:
-            return False
-        if only is not None:
-            return id(layer) in only
-        return _selectable(layer, granularity)
-
-    # The plan: layers of the (nested) model graphs, and targets inside custom layers.
-    plan, nested = set(), {}
-
-    def make_plan(model):
-        for layer in _keras_compat.sublayers(model):
-            if id(layer) in skip:
-                continue
-            if isinstance(layer, keras.Model):
-                if _is_graph_model(layer):
-                    make_plan(layer)
-            elif wanted(layer):
-                plan.add(id(layer))
-            elif not registry.is_prunable(layer):
-                targets = nested_targets(layer, wanted, skip)
-                if targets:
-                    nested[id(layer)] = [p for p, _ in targets]
-                    plan.update(id(t) for _, t in targets)
-
-    make_plan(to_prune)
-    if only is not None and only - plan:
-        missed = [la for la in all_layers if id(la) in only - plan]
-        where = [q for q, la in entries if id(la) in only - plan]
-        raise ValueError(
-            f"Cannot wrap {[la.name for la in missed]} of model '{to_prune.name}': "
-            + (
-                "granularity='channel' applies to layers of the model graph, not to layers "
-                "inside custom layers. "
-                if granularity == "channel"
-                else "they sit inside another prunable layer (name that layer), inside a "
-                "subclassed model, or are not built. "
-            )
-            + f"Received: layers at {where}"
-        )
-    if not plan:
-        raise ValueError(
-            f"Model '{to_prune.name}' has no prunable layer (after `layers`/`exclude`). "
-            f"Supported types: {registry._SUPPORTED}. Received layers: "
-            f"{[type(la).__name__ for la in all_layers]}"
-        )
+    chosen = selection.select(to_prune, layers, exclude, granularity)
+    all_layers, only, skip = chosen.layers, chosen.only, chosen.skip
+    plan, nested = chosen.plan, chosen.nested
     if only is None and granularity == "weight":
         covered = {
             id(v)
@@ -382,7 +256,7 @@ def strip_pruning(model):
         return model.strip()
     if not isinstance(model, keras.Model):
         raise ValueError(f"`strip_pruning` expects a keras.Model. Received: model={model!r}")
-    if not _is_graph_model(model):
+    if not selection.is_graph_model(model):
         return _strip_in_place(model)
 
     def clone_fn(layer):

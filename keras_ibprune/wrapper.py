@@ -18,55 +18,10 @@ import inspect
 import keras
 from keras import ops
 
-from keras_ibprune import _keras_compat, registry
+from keras_ibprune import _keras_compat, baking, patterns, registry
 from keras_ibprune import gates as gates_lib
 
 GRANULARITIES = ("weight", "channel")
-
-
-def _check_block_size(block_size):
-    if block_size is None:
-        return None
-    try:
-        bs = tuple(int(b) for b in block_size)
-    except TypeError:
-        bs = ()
-    if len(bs) != 2 or min(bs) < 1:
-        raise ValueError(
-            "`block_size` must be None or a pair of positive ints such as (4, 1). "
-            f"Received: block_size={block_size!r}"
-        )
-    return None if bs == (1, 1) else bs
-
-
-def check_pattern(pattern):
-    """`"N:M"` or `(N, M)` -> `(N, M)` with `1 <= N < M`; None stays None."""
-    if pattern is None:
-        return None
-    try:
-        if isinstance(pattern, str):
-            n, m = (int(v) for v in pattern.split(":"))
-        else:
-            n, m = (int(v) for v in pattern)
-    except (TypeError, ValueError):
-        n, m = 0, 0
-    if not 1 <= n < m:
-        raise ValueError(
-            "`pattern` must be None or N:M sparsity with 1 <= N < M, as a string like '2:4' "
-            f"or a pair like (2, 4). Received: pattern={pattern!r}"
-        )
-    return (n, m)
-
-
-def supports_pattern(layer):
-    """Whether N:M `pattern` masks apply to `layer`: Dense and Conv1D/2D/3D with
-    `groups=1`, whose kernel is `(..., inputs, units)` with the inputs last but one."""
-    L = keras.layers
-    return (isinstance(layer, (L.Dense, L.Conv1D, L.Conv2D, L.Conv3D))
-            and not isinstance(layer, (L.Conv1DTranspose, L.Conv2DTranspose,
-                                       L.Conv3DTranspose, L.DepthwiseConv1D,
-                                       L.DepthwiseConv2D, L.SeparableConv1D, L.SeparableConv2D))
-            and getattr(layer, "groups", 1) == 1)
 
 
 def _single_shape_build(layer):
@@ -160,27 +115,9 @@ class PruneWrapper(keras.layers.Wrapper):
         kwargs.setdefault("name", f"prune_{layer.name}")
         super().__init__(layer, **kwargs)
         self.granularity = granularity
-        self.block_size = _check_block_size(block_size)
-        if self.block_size is not None and granularity != "weight":
-            raise ValueError(
-                "`block_size` applies to granularity='weight' only. Received: "
-                f"granularity={granularity!r}, block_size={block_size!r}"
-            )
-        self.pattern = check_pattern(pattern)
-        if self.pattern is not None and not supports_pattern(layer):
-            raise ValueError(
-                "`pattern` (N:M sparsity along the inputs) applies to Dense and Conv1D/2D/3D "
-                "layers (groups=1), whose kernel is `(..., inputs, units)`; other kernels "
-                "(EinsumDense, MultiHeadAttention, depthwise, transposed) lay their input axis "
-                f"out differently. Received: layer={layer.name!r} of type "
-                f"{type(layer).__name__}, pattern={pattern!r}"
-            )
-        if self.pattern is not None and (granularity != "weight" or self.block_size):
-            raise ValueError(
-                "`pattern` (N:M sparsity) applies to granularity='weight' without "
-                f"`block_size`. Received: granularity={granularity!r}, block_size="
-                f"{block_size!r}, pattern={pattern!r}"
-            )
+        self.block_size, self.pattern = patterns.check_layout(
+            layer, granularity, block_size, pattern
+        )
         self.gates = gates_lib.check_gates(gates, granularity, layer)
         self.gate_gamma = gates_lib.check_gamma(gate_gamma, "gate_gamma")
         self.gate_log_sigma2 = float(
@@ -368,58 +305,12 @@ class PruneWrapper(keras.layers.Wrapper):
     def baked_weights(self, units=True):
         """Numpy values of the inner layer's weights with the masks multiplied in.
 
-        The one mask-baking path (`strip_pruning`, `shrink`).
+        The one mask-baking path (`strip_pruning`, `shrink`); see `keras_ibprune.baking`.
 
         Args:
             units: also bake the unit mask (needs an activation that is 0 at 0).
         """
-        inner = self.layer
-        values = {id(v): ops.convert_to_numpy(v.value) for v in inner.weights}
-        for w, m in zip(self.prunable_weights, self.masks):
-            value = values[id(w)]
-            values[id(w)] = value * ops.convert_to_numpy(m.value).astype(value.dtype)
-        if self.gate is not None:
-            self._scale_units(values, self._gate_fold())
-        um = None if self.unit_mask is None else ops.convert_to_numpy(self.unit_mask.value)
-        if units and um is not None and um.min() < 1.0:
-            act = getattr(inner, "activation", None)
-            if act is not None and float(ops.convert_to_numpy(act(ops.zeros((1,))))[0]) != 0.0:
-                raise ValueError(
-                    f"Cannot bake the unit mask of layer '{inner.name}': its activation is not "
-                    "zero at zero, so a zeroed unit would not output zero. Use `kib.shrink` "
-                    f"instead. Received: activation={getattr(act, '__name__', act)}"
-                )
-            self._scale_units(values, um)
-        return [values[id(v)] for v in inner.weights]
-
-    def _scale_units(self, values, um):
-        """Multiplies each output unit's kernel column and bias (in `values`) by `um`."""
-        inner = self.layer
-        L = keras.layers
-        if isinstance(inner, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
-            k = inner.kernel
-            values[id(k)] = values[id(k)] * um.reshape(k.shape[-2], k.shape[-1])
-        elif isinstance(inner, (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)):
-            values[id(inner.kernel)] = values[id(inner.kernel)] * um[:, None]
-        else:
-            last = self.prunable_weights[-1]
-            values[id(last)] = values[id(last)] * um
-        bias = getattr(inner, "bias", None)
-        if bias is not None:
-            values[id(bias)] = values[id(bias)] * um
-
-    def _gate_fold(self):
-        """The gate mean μ, checked to fold exactly into the layer's weights."""
-        mu = self.gate.mean()
-        if not self.gate.pre and mu.min() < 0:
-            act = getattr(self.layer, "activation", None)
-            if act is not None and not gates_lib.commutes_with_scaling(lambda a: -act(-a)):
-                raise ValueError(
-                    f"Cannot fold the VIB gate of layer '{self.layer.name}': some gate means "
-                    "are negative and its activation does not commute with negative scaling. "
-                    f"Keep gate_mu >= 0 (its constraint does). Received: min mu={mu.min()}"
-                )
-        return mu
+        return baking.baked_weights(self, units)
 
     def get_config(self):
         config = super().get_config()

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_ibprune import _tflite_inspect
+from keras_ibprune import _tflite_inspect, _tflite_runner
 from keras_ibprune.export import ExportVerificationError, export_tflite
 from keras_ibprune.metrics import evaluate
 
@@ -157,7 +157,7 @@ def test_int8_keeps_block_sparse_encoding_and_int8_io(pruned, data, tmp_path):
     assert report.file_bytes < 0.11 * report.dense_float_bytes
     assert report.file_bytes < report.dense_bytes
     assert report.top1_agreement >= 0.98
-    runner = _tflite_inspect.Runner(str(path))
+    runner = _tflite_runner.Runner(str(path))
     runner.predict(x[:2])
     assert runner._interp.get_input_details()[0]["dtype"] == np.int8
     keras_acc = evaluate(pruned, x, y)["accuracy"]
@@ -351,7 +351,7 @@ def test_two_inputs_two_outputs_float_export_verifies_every_output(tmp_path):
     assert outputs["cls"]["top1_agreement"] == 1.0 and outputs["reg"]["top1_agreement"] is None
     assert report.verify_samples == 64 and report.top1_agreement == 1.0
     assert "input token_ids" in str(report) and "output reg" in str(report)
-    runner = _tflite_inspect.Runner(str(tmp_path / "m.tflite"))
+    runner = _tflite_runner.Runner(str(tmp_path / "m.tflite"))
     got, want = runner.predict(x), model.predict(x, verbose=0)  # int32 ids fed as ints
     np.testing.assert_allclose(got["reg"], want["reg"], atol=1e-5)
     y = want["cls"].argmax(1)

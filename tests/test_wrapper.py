@@ -310,11 +310,3 @@ def test_tf_checkpoint_reaches_the_masks(tmp_path):
     tf.train.Checkpoint(model=restored).restore(path).assert_existing_objects_matched()
     for a, b in zip(kib.stats.find_wrappers(model), kib.stats.find_wrappers(restored)):
         np.testing.assert_array_equal(a.masks[0].numpy(), b.masks[0].numpy())
-
-
-@pytest.mark.parametrize("pattern", ["4:4", "0:2", "2", (3,), "a:b"])
-def test_bad_pattern_is_a_clear_error(pattern):
-    with pytest.raises(ValueError, match="N:M sparsity.*Received: pattern="):
-        PruneWrapper(L.Dense(4), pattern=pattern)
-    with pytest.raises(ValueError, match="granularity='weight' without"):
-        PruneWrapper(L.Dense(4), granularity="channel", pattern="2:4")
