@@ -36,6 +36,20 @@ def test_two_tf_workers_resume_after_kill_with_the_masks_of_one_process(tmp_path
 
 
 @pytest.mark.slow
+def test_two_tf_workers_sharded_statistics_equal_one_process(tmp_path):
+    """Each worker computes the statistics of its shard; the all-reduced sums equal the
+    one-process statistics and every worker derives the one-process masks."""
+    pytest.importorskip("tensorflow")
+    result = _example("multi_worker").main(
+        ["--quick", "--sharded", "--workdir", str(tmp_path), "--timeout", "400"])
+    assert result["stats_keys_match"]
+    assert result["stats_rel"] < 1e-5, result
+    assert result["same_workers"], "the two workers derived different masks"
+    assert result["same_single"], "masks differ from the one-process run"
+    assert result["sparsity"] == pytest.approx(0.9, abs=1e-3)
+
+
+@pytest.mark.slow
 def test_callback_in_a_two_worker_strategy_scope_fails_early_with_a_pointer(tmp_path):
     script = textwrap.dedent(
         """
