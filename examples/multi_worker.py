@@ -15,6 +15,9 @@ mid-pruning with the same masks.
     python examples/multi_worker.py --quick        # (or KIB_QUICK=1) fewer epochs
     python examples/multi_worker.py --kill-after 2 # kill both workers after epoch 2, restart,
                                                    # resume from the checkpoint
+    python examples/multi_worker.py --sharded      # statistics sharded over the workers, each
+                                                   # reading only its held-out shard
+                                                   # (`--sharded arrays`: all read everything)
 
 One worker by hand (what the launcher runs; the cluster comes from TF_CONFIG):
 
@@ -65,11 +68,13 @@ def _statistics(pruner):
             for k, v in s.summary.items() if isinstance(v, np.ndarray)}
 
 
-def run_worker(workdir, epochs, sparsity, kill_after=None, single=False, sharded=False):
+def run_worker(workdir, epochs, sparsity, kill_after=None, single=False, sharded=None):
     """One worker (or, with `single=True`, the one-process reference) of the loop.
 
-    `sharded=True`: the held-out statistics are sharded over the workers (`strategy=`),
-    and the statistics of the initial weights are saved for comparison.
+    `sharded`: shard the held-out statistics over the workers (`strategy=`) and save the
+    statistics of the initial weights for comparison; `"arrays"`: every worker holds the
+    held-out arrays and computes its replicas' slices, `"files"`: a dataset function
+    `held_out(input_context)`, every worker reads only its shard.
     """
     import keras
     import tensorflow as tf
@@ -105,7 +110,16 @@ def run_worker(workdir, epochs, sparsity, kill_after=None, single=False, sharded
         print(f"[worker {task_id}] resumed after epoch {int(epoch_var.numpy())}", flush=True)
 
     schedule = kib.PolynomialDecay(0.0, sparsity, begin_epoch=1, end_epoch=max(2, epochs - 1))
-    pruner = kib.Pruner(model, schedule, held_out=(xval, yval),  # the IB score
+    held_out, size = (xval, yval), 1024
+    if sharded == "files" and not single:  # every worker reads only its shard
+
+        def held_out(input_context):
+            ds = tf.data.Dataset.from_tensor_slices((xval, yval))  # or a list of files
+            return ds.shard(input_context.num_input_pipelines,
+                            input_context.input_pipeline_id).batch(64)
+
+        size = None  # streamed
+    pruner = kib.Pruner(model, schedule, held_out=held_out, held_out_size=size,  # IB score
                         strategy=strategy if sharded and not single else None)
     pruner.optimizer = optimizer  # zero the optimizer state of pruned weights too
     pruner.reset()
@@ -198,8 +212,9 @@ def main(argv=None):
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--kill-after", type=int, default=None,
                    help="stop every worker after this epoch's checkpoint, then restart")
-    p.add_argument("--sharded", action="store_true",
-                   help="shard the held-out statistics over the workers (Pruner(strategy=))")
+    p.add_argument("--sharded", nargs="?", const="files", choices=["arrays", "files"],
+                   help="shard the held-out statistics over the workers (Pruner(strategy=)); "
+                        "'files' (default): each worker reads only its shard")
     p.add_argument("--quick", action="store_true", default=quick_env)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for each launch")
     args = p.parse_args(argv)
@@ -213,7 +228,7 @@ def main(argv=None):
     workdir = args.workdir or tempfile.mkdtemp(prefix="kib_multi_worker_")
     os.makedirs(workdir, exist_ok=True)
     common = ["--epochs", str(epochs), "--sparsity", str(args.sparsity)]
-    common += ["--sharded"] if args.sharded else []
+    common += ["--sharded", args.sharded] if args.sharded else []
     if args.kill_after is not None:
         codes = _launch(workdir, [*common, "--kill-after", str(args.kill_after)],
                         args.timeout)
