@@ -1,4 +1,4 @@
-"""Sufficient statistics summed over batches, replicas and workers.
+"""Sufficient statistics summed over batches (and noise by global sample index).
 
 The statistics pass streams the held-out data through one traced step per batch (see
 `stats.StatisticsPass`). This module owns what happens around that step:
@@ -11,9 +11,9 @@ The statistics pass streams the held-out data through one traced step per batch 
   the data. The per-sample keys (``t_mean``, ``z_rows``, ``t_rows``, read by the
   information logs, channel scores and ``gaussian_obd``) are kept for the first
   `sample_cap` samples by global index only; `finish` normalises everything;
-- `replica_step`: one step under a `tf.distribute.Strategy`: every replica computes the
-  statistics of its slice, the sums are all-reduced with ``strategy.reduce(SUM)`` and the
-  per-sample rows gathered with ``strategy.gather``, so every worker holds the same totals.
+
+Splitting the pass over replicas, workers and JAX processes (and adding their totals) is
+`shards`' job.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ class SampleNoise:
             self._pos += k
         self._pos = stop
         return self._rng.normal(size=(stop - start, self.width)).astype("float32")
-
 
     def at(self, index):
         """The noise of the samples `index` (sorted global indices), as `__call__`."""

@@ -246,11 +246,13 @@ class ShardStream(HeldOutStream):
             if not heldout_lib._is_tf_dataset(ds):
                 raise ValueError(
                     "A held-out dataset function `held_out(input_context)` must return a "
-                    f"tf.data.Dataset. Received: {type(ds).__name__} from {fn!r}")
+                    f"tf.data.Dataset. Received: {type(ds).__name__} from {fn!r}"
+                )
             if int(ds.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
                 raise ValueError(
                     "The held-out dataset function must return a finite dataset (use "
-                    "`.take(n)`). Received: an infinite dataset")
+                    "`.take(n)`). Received: an infinite dataset"
+                )
             return ds
 
         super().__init__(source, model, output)
@@ -276,7 +278,8 @@ class ShardStream(HeldOutStream):
         if min(self.counts) == 0:
             raise ValueError(
                 "Every worker's held-out shard must hold samples. Received: shard sizes "
-                f"{self.counts} (input_pipeline_id -> samples)")
+                f"{self.counts} (input_pipeline_id -> samples)"
+            )
         y = None
         if local_y is not None:
             y = worker_concat(self.strategy, local_y)
@@ -301,11 +304,13 @@ def check_sharded(stream, needs, fisher_samples):
             "A held-out dataset function gives sums over shards, not per-sample statistics "
             "(the information logs, channel scores and 'gaussian_obd' read them): use "
             "held-out arrays or a dataset with `strategy=`. Received: statistics "
-            f"{per_sample} asked for")
+            f"{per_sample} asked for"
+        )
     if fisher_samples is not None and fisher_samples < stream.n:
         raise ValueError(
             "`fisher_samples` (the first samples by index) is not supported with a held-out "
-            f"dataset function. Received: fisher_samples={fisher_samples}")
+            f"dataset function. Received: fisher_samples={fisher_samples}"
+        )
 
 
 # ---------------------------------------------------------------- the pass
@@ -314,11 +319,14 @@ def check_strategy(strategy):
     if strategy is None:
         return None
     if not (hasattr(strategy, "run") and hasattr(strategy, "num_replicas_in_sync")):
-        raise ValueError("`strategy` must be None or a tf.distribute.Strategy. "
-                         f"Received: strategy={strategy!r}")
+        raise ValueError(
+            f"`strategy` must be None or a tf.distribute.Strategy. Received: strategy={strategy!r}"
+        )
     if keras.backend.backend() != "tensorflow":
-        raise ValueError("A tf.distribute strategy needs the TensorFlow backend. Received: "
-                         f"backend={keras.backend.backend()!r}")
+        raise ValueError(
+            "A tf.distribute strategy needs the TensorFlow backend. Received: "
+            f"backend={keras.backend.backend()!r}"
+        )
     return strategy
 
 

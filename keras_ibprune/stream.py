@@ -188,10 +188,13 @@ def _head(y, size):
 # ----------------------------------------------------------------- for the Pruner
 def check_size(held_out_size):
     """`held_out_size` checked: an int >= 2 (read into memory) or None (streamed)."""
-    if held_out_size is not None and (isinstance(held_out_size, bool) or not isinstance(
-            held_out_size, int) or held_out_size < 2):
-        raise ValueError("`held_out_size` must be an int >= 2 or None. Received: "
-                         f"held_out_size={held_out_size!r}")
+    if held_out_size is not None and (
+        isinstance(held_out_size, bool) or not isinstance(held_out_size, int) or held_out_size < 2
+    ):
+        raise ValueError(
+            "`held_out_size` must be an int >= 2 or None. Received: "
+            f"held_out_size={held_out_size!r}"
+        )
     return held_out_size
 
 
@@ -202,11 +205,18 @@ def statistics_pass(model, wrappers, score, needs, data, output, strategy, size)
     if data is None or not needs:
         return None
     sp = stats.StatisticsPass(
-        model, wrappers, needs, output=output, fisher=getattr(score, "fisher", "model"),
+        model,
+        wrappers,
+        needs,
+        output=output,
+        fisher=getattr(score, "fisher", "model"),
         max_rows=getattr(score, "max_rows", 4096),
         fisher_samples=getattr(score, "fisher_samples", None),
-        max_gram_dim=getattr(score, "max_gram_dim", 4096), seed=getattr(score, "seed", 0),
-        strategy=strategy, sample_cap=None if size else SAMPLE_CAP)
+        max_gram_dim=getattr(score, "max_gram_dim", 4096),
+        seed=getattr(score, "seed", 0),
+        strategy=strategy,
+        sample_cap=None if size else SAMPLE_CAP,
+    )
     if isinstance(data[0], shards.ShardStream):  # fail at reset, not at the first update
         shards.check_sharded(data[0], needs, sp.fisher_samples)
     return sp
@@ -233,7 +243,8 @@ def load(held_out, size, model, output=None, score=None, strategy=None):
         if size is not None:
             raise ValueError(
                 "A held-out dataset function `held_out(input_context)` is read shard by shard "
-                f"and streamed: pass held_out_size=None. Received: held_out_size={size!r}")
+                f"and streamed: pass held_out_size=None. Received: held_out_size={size!r}"
+            )
         data = shards.ShardStream(held_out, model, output=output, strategy=strategy)
     elif size is not None:
         x, y = heldout_lib.held_out_arrays(held_out, size, model, output=output)
@@ -244,11 +255,13 @@ def load(held_out, size, model, output=None, score=None, strategy=None):
         raise ValueError(
             f"Score {type(score).__name__} reads full activations or weight gradients, which "
             "need the held-out data in memory: pass an int `held_out_size`. Received: "
-            "held_out_size=None")
+            "held_out_size=None"
+        )
     y = data.scan()[1]
     if isinstance(data, shards.ShardStream) and y is None and score.needs_labels:
-        data.local_y = np.concatenate([teacher_labels(b, model, output)
-                                       for _, b, _ in data.batches(1024)])
+        data.local_y = np.concatenate(
+            [teacher_labels(b, model, output) for _, b, _ in data.batches(1024)]
+        )
         y = data.local_y if data.pipelines == 1 else _worker_labels(strategy, data.local_y)
         heldout_lib.check_labels(y, min_count=1)  # rare predicted classes are fine
         return data, y

@@ -25,8 +25,9 @@ def _xy(n=90, seed=0):
 
 
 def _summaries(pruner):
-    return [{k: v for k, v in s.summary.items() if isinstance(v, np.ndarray)}
-            for s in pruner.collect()]
+    return [
+        {k: v for k, v in s.summary.items() if isinstance(v, np.ndarray)} for s in pruner.collect()
+    ]
 
 
 def test_a_dataset_function_is_called_with_an_input_context_and_gives_the_array_statistics():
@@ -36,8 +37,9 @@ def test_a_dataset_function_is_called_with_an_input_context_and_gives_the_array_
     def held_out(input_context):
         contexts.append(input_context)
         ds = tf.data.Dataset.from_tensor_slices((x, y))
-        return ds.shard(input_context.num_input_pipelines,
-                        input_context.input_pipeline_id).batch(32)
+        return ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id).batch(
+            32
+        )
 
     assert is_dataset_fn(held_out) and not is_dataset_fn(lambda: iter([(x, y)]))
     assert not is_dataset_fn(tf.data.Dataset.from_tensor_slices(x))
@@ -68,15 +70,19 @@ def test_a_wrong_dataset_function_is_a_clear_error():
 
     def held_out(ctx):
         return tf.data.Dataset.from_tensor_slices((x, y)).shard(
-            ctx.num_input_pipelines, ctx.input_pipeline_id)
+            ctx.num_input_pipelines, ctx.input_pipeline_id
+        )
 
     with pytest.raises(ValueError, match="pass held_out_size=None. Received: held_out_size=1024"):
         kib.Pruner(model, 0.5, held_out=held_out).reset()
     with pytest.raises(ValueError, match="not per-sample statistics"):
-        kib.Pruner(model, 0.5, held_out=held_out, held_out_size=None,
-                   log_information=True).reset()
-    infinite = kib.Pruner(model, 0.5, held_out=lambda ctx: tf.data.Dataset.from_tensor_slices(
-        (x, y)).repeat(), held_out_size=None)
+        kib.Pruner(model, 0.5, held_out=held_out, held_out_size=None, log_information=True).reset()
+    infinite = kib.Pruner(
+        model,
+        0.5,
+        held_out=lambda ctx: tf.data.Dataset.from_tensor_slices((x, y)).repeat(),
+        held_out_size=None,
+    )
     with pytest.raises(ValueError, match="finite dataset"):
         infinite.reset()
 
@@ -124,8 +130,7 @@ print("RESULT", worst < 1e-5, worst, all(np.array_equal(a, b) for a, b in zip(re
 
 
 @pytest.mark.slow  # a fresh TF process with two logical CPUs
-def test_a_dataset_function_under_mirrored_strategy_gives_the_single_device_statistics(
-        tmp_path):
+def test_a_dataset_function_under_mirrored_strategy_gives_the_single_device_statistics(tmp_path):
     import os
     import subprocess
     import sys
@@ -133,8 +138,14 @@ def test_a_dataset_function_under_mirrored_strategy_gives_the_single_device_stat
     script = tmp_path / "mirrored_fn.py"
     script.write_text(_MIRRORED_FN)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    r = subprocess.run([sys.executable, str(script), os.path.dirname(__file__)], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(script), os.path.dirname(__file__)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "CONTEXT (1, 0, 2)" in r.stdout, r.stdout + r.stderr[-3000:]
     assert "RESULT True" in r.stdout and r.stdout.rstrip().endswith("True"), (
-        r.stdout + r.stderr[-3000:])
+        r.stdout + r.stderr[-3000:]
+    )

@@ -91,4 +91,3 @@ def test_streaming_errors_are_clear():
         kib.Pruner(model, 0.5, score="taylor", held_out=(x, y), held_out_size=None).reset()
     with pytest.raises(ValueError, match="int >= 2 or None"):
         kib.Pruner(model, 0.5, held_out=(x, y), held_out_size=1)
-
