@@ -2,7 +2,9 @@
 
 `model.fit` with the `kib.IBPruning` callback runs unchanged: Keras shards each batch
 across the devices and all-reduces the gradients; the callback computes its statistics on
-the held-out batch from the (replicated) weights, so every process derives the same masks.
+the held-out data from the (replicated) weights, so every process derives the same masks.
+With several processes each computes its share of the held-out batches and the float64
+totals are merged with `jax.experimental.multihost_utils.process_allgather`.
 
     python examples/jax_data_parallel.py                 # both modes below + 1-device reference
     python examples/jax_data_parallel.py --mode devices  # 1 process, 2 virtual CPU devices
@@ -32,7 +34,7 @@ def _data():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1024, 32)).astype("float32")
     y = (x[:, :4].sum(1) > 0).astype("int64") + 2 * (x[:, 4] > 0)
-    return (x[256:], y[256:]), (x[:256], y[:256])  # train, validation (held-out batch)
+    return (x[512:], y[512:]), (x[:512], y[:512])  # train, validation (held-out data)
 
 
 def _worker(mode, out, process_id=0, port=None):
@@ -63,18 +65,30 @@ def _worker(mode, out, process_id=0, port=None):
         keras.layers.Dense(64, activation="relu", name="fc"),
         keras.layers.Dense(4, name="logits"),
     ]))
+    # The statistics of the initial weights: with several processes each computes its
+    # share of the held-out batches and the totals are merged (process_allgather).
+    probe = kib.Pruner(model, 0.5, held_out=(xv, yv))
+    probe.reset()
+    stats = {f"{s.wrapper.name}/{k}": np.asarray(v) for s in probe.collect()
+             for k, v in s.summary.items() if isinstance(v, np.ndarray)}
+    stats["local_batches"] = np.asarray(probe._pass.local_batches)
+    _save(out.replace("masks_", "stats_"), stats)
     model.compile(keras.optimizers.Adam(1e-2),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     cb = kib.IBPruning(kib.PolynomialDecay(0.0, 0.8, 0, EPOCHS - 1), held_out=(xv, yv))
     model.fit(x, y, batch_size=batch, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=[cb])
     masks = {f"{w.name}/{i}": np.asarray(m.numpy()) for w in kib.stats.find_wrappers(model)
              for i, m in enumerate(w.masks)}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, **masks)
-    os.replace(tmp, out)
+    _save(out, masks)
     print(f"[{mode} {process_id}] devices {len(jax.devices())}, sparsity "
           f"{kib.sparsity(model):.4f}", flush=True)
+
+
+def _save(path, arrays):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # never a half-written file
 
 
 def _port():
@@ -129,16 +143,29 @@ def main(argv=None):
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
 
-    ref = load(_spawn("single", workdir, args.timeout)[0])
+    paths = _spawn("single", workdir, args.timeout)
+    ref, ref_stats = load(paths[0]), load(paths[0].replace("masks_", "stats_"))
     total = sum(m.size for m in ref.values())
     result = {}
     for mode in (["devices", "processes"] if args.mode == "all" else [args.mode]):
-        runs = [load(path) for path in _spawn(mode, workdir, args.timeout)]
+        paths = _spawn(mode, workdir, args.timeout)
+        runs = [load(path) for path in paths]
+        stats = [load(path.replace("masks_", "stats_")) for path in paths]
         differ = sum(int(np.sum(runs[0][k] != ref[k])) for k in ref)
         agree = all(np.array_equal(r[k], runs[0][k]) for r in runs for k in ref)
-        result[mode] = {"differ": differ, "agree": agree, "total": total}
+        keys = [k for k in ref_stats if k != "local_batches"]
+        rel = max(float(np.abs(s[k] - ref_stats[k]).max() / (np.abs(ref_stats[k]).max() + 1e-30))
+                  for s in stats for k in keys)
+        same = all(np.array_equal(s[k], stats[0][k]) for s in stats for k in keys)
+        result[mode] = {"differ": differ, "agree": agree, "total": total, "stats_rel": rel,
+                        "stats_agree": same,
+                        "local_batches": [int(s["local_batches"]) for s in stats],
+                        "batches": int(ref_stats["local_batches"])}
         print(f"{mode}: {len(runs)} process(es) agree: {agree}; mask entries differing from "
-              f"the one-device run: {differ} of {total}")
+              f"the one-device run: {differ} of {total}; statistics: identical in every "
+              f"process {same}, max relative difference to one device {rel:.2e}, held-out "
+              f"batches computed per process {result[mode]['local_batches']} of "
+              f"{result[mode]['batches']}")
     return result
 
 

@@ -15,6 +15,9 @@ mid-pruning with the same masks.
     python examples/multi_worker.py --quick        # (or KIB_QUICK=1) fewer epochs
     python examples/multi_worker.py --kill-after 2 # kill both workers after epoch 2, restart,
                                                    # resume from the checkpoint
+    python examples/multi_worker.py --sharded      # statistics sharded over the workers, each
+                                                   # reading only its held-out shard
+                                                   # (`--sharded arrays`: all read everything)
 
 One worker by hand (what the launcher runs; the cluster comes from TF_CONFIG):
 
@@ -52,8 +55,27 @@ def _data(seed=0):
     return (x[400 : 400 + n_train], y[400 : 400 + n_train]), (x[:400], y[:400])
 
 
-def run_worker(workdir, epochs, sparsity, kill_after=None, single=False):
-    """One worker (or, with `single=True`, the one-process reference) of the loop."""
+def _save(workdir, name, arrays):
+    fd, tmp = tempfile.mkstemp(dir=workdir, suffix=".npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, os.path.join(workdir, name))  # never a half-written file
+
+
+def _statistics(pruner):
+    """The held-out statistics of the current weights, flat: `{"<layer>/<key>": array}`."""
+    return {f"{s.wrapper.name}/{k}": np.asarray(v) for s in pruner.collect()
+            for k, v in s.summary.items() if isinstance(v, np.ndarray)}
+
+
+def run_worker(workdir, epochs, sparsity, kill_after=None, single=False, sharded=None):
+    """One worker (or, with `single=True`, the one-process reference) of the loop.
+
+    `sharded`: shard the held-out statistics over the workers (`strategy=`) and save the
+    statistics of the initial weights for comparison; `"arrays"`: every worker holds the
+    held-out arrays and computes its replicas' slices, `"files"`: a dataset function
+    `held_out(input_context)`, every worker reads only its shard.
+    """
     import keras
     import tensorflow as tf
 
@@ -88,9 +110,22 @@ def run_worker(workdir, epochs, sparsity, kill_after=None, single=False):
         print(f"[worker {task_id}] resumed after epoch {int(epoch_var.numpy())}", flush=True)
 
     schedule = kib.PolynomialDecay(0.0, sparsity, begin_epoch=1, end_epoch=max(2, epochs - 1))
-    pruner = kib.Pruner(model, schedule, held_out=(xval, yval))  # the IB score
+    held_out, size = (xval, yval), 1024
+    if sharded == "files" and not single:  # every worker reads only its shard
+
+        def held_out(input_context):
+            ds = tf.data.Dataset.from_tensor_slices((xval, yval))  # or a list of files
+            return ds.shard(input_context.num_input_pipelines,
+                            input_context.input_pipeline_id).batch(64)
+
+        size = None  # streamed
+    pruner = kib.Pruner(model, schedule, held_out=held_out, held_out_size=size,  # IB score
+                        strategy=strategy if sharded and not single else None)
     pruner.optimizer = optimizer  # zero the optimizer state of pruned weights too
     pruner.reset()
+    tag = "single" if single else f"worker{task_id}"
+    if sharded and int(epoch_var.numpy()) == 0:  # every worker takes part (collectives)
+        _save(workdir, f"stats_{tag}.npz", _statistics(pruner))
 
     ds = tf.data.Dataset.from_tensor_slices((xtr, ytr)).batch(GLOBAL_BATCH)
     if not single:
@@ -128,11 +163,7 @@ def run_worker(workdir, epochs, sparsity, kill_after=None, single=False):
             os._exit(KILLED)  # no cleanup, like a SIGKILL after the checkpoint
 
     masks = {f"{w.name}/{i}": m.numpy() for w in pruner.wrappers for i, m in enumerate(w.masks)}
-    name = "masks_single.npz" if single else f"masks_worker{task_id}.npz"
-    fd, tmp = tempfile.mkstemp(dir=workdir, suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, **masks)
-    os.replace(tmp, os.path.join(workdir, name))  # never a half-written file
+    _save(workdir, f"masks_{tag}.npz", masks)
     acc = float(np.mean(np.argmax(model.predict(xval, verbose=0), -1) == yval))
     print(f"[worker {task_id}] done: sparsity {pruner.current_sparsity():.4f}, "
           f"validation accuracy {acc:.2%}", flush=True)
@@ -181,18 +212,23 @@ def main(argv=None):
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--kill-after", type=int, default=None,
                    help="stop every worker after this epoch's checkpoint, then restart")
+    p.add_argument("--sharded", nargs="?", const="files", choices=["arrays", "files"],
+                   help="shard the held-out statistics over the workers (Pruner(strategy=)); "
+                        "'files' (default): each worker reads only its shard")
     p.add_argument("--quick", action="store_true", default=quick_env)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for each launch")
     args = p.parse_args(argv)
     epochs = args.epochs or (4 if args.quick else 8)
     if args.worker or args.single:
         run_worker(args.workdir, epochs, args.sparsity,
-                   kill_after=None if args.single else args.kill_after, single=args.single)
+                   kill_after=None if args.single else args.kill_after, single=args.single,
+                   sharded=args.sharded)
         return None
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="kib_multi_worker_")
     os.makedirs(workdir, exist_ok=True)
     common = ["--epochs", str(epochs), "--sparsity", str(args.sparsity)]
+    common += ["--sharded", args.sharded] if args.sharded else []
     if args.kill_after is not None:
         codes = _launch(workdir, [*common, "--kill-after", str(args.kill_after)],
                         args.timeout)
@@ -204,7 +240,7 @@ def main(argv=None):
         raise SystemExit(f"workers failed: exit codes {codes}")
     ref_dir = os.path.join(workdir, "single")
     os.makedirs(ref_dir, exist_ok=True)
-    run_worker(ref_dir, epochs, args.sparsity, single=True)
+    run_worker(ref_dir, epochs, args.sparsity, single=True, sharded=args.sharded)
 
     def load(path):
         with np.load(path) as f:
@@ -217,7 +253,17 @@ def main(argv=None):
     sparsity = 1.0 - float(np.mean(np.concatenate([m.ravel() for m in w0.values()])))
     print(f"masks identical on both workers: {same_workers}; identical to the one-process "
           f"run: {same_single}; sparsity {sparsity:.4f}")
-    return {"same_workers": same_workers, "same_single": same_single, "sparsity": sparsity}
+    result = {"same_workers": same_workers, "same_single": same_single, "sparsity": sparsity}
+    if args.sharded:  # statistics of the initial weights: sharded on 2 workers vs 1 process
+        s0, s1 = (load(os.path.join(workdir, f"stats_worker{i}.npz")) for i in range(2))
+        sref = load(os.path.join(ref_dir, "stats_single.npz"))
+        result["stats_keys_match"] = set(s0) == set(sref) == set(s1)
+        result["stats_rel"] = max(
+            float(np.abs(s[k] - v).max() / (np.abs(v).max() + 1e-30))
+            for s in (s0, s1) for k, v in sref.items())
+        print(f"sharded statistics vs one process: max relative difference "
+              f"{result['stats_rel']:.2e}")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Sufficient statistics summed over batches, replicas and workers.
+"""Sufficient statistics summed over batches (and noise by global sample index).
 
 The statistics pass streams the held-out data through one traced step per batch (see
 `stats.StatisticsPass`). This module owns what happens around that step:
@@ -11,9 +11,9 @@ The statistics pass streams the held-out data through one traced step per batch 
   the data. The per-sample keys (``t_mean``, ``z_rows``, ``t_rows``, read by the
   information logs, channel scores and ``gaussian_obd``) are kept for the first
   `sample_cap` samples by global index only; `finish` normalises everything;
-- `replica_step`: one step under a `tf.distribute.Strategy`: every replica computes the
-  statistics of its slice, the sums are all-reduced with ``strategy.reduce(SUM)`` and the
-  per-sample rows gathered with ``strategy.gather``, so every worker holds the same totals.
+
+Splitting the pass over replicas, workers and JAX processes (and adding their totals) is
+`shards`' job.
 """
 
 from __future__ import annotations
@@ -58,6 +58,16 @@ class SampleNoise:
             self._pos += k
         self._pos = stop
         return self._rng.normal(size=(stop - start, self.width)).astype("float32")
+
+    def at(self, index):
+        """The noise of the samples `index` (sorted global indices), as `__call__`."""
+        index = np.asarray(index, np.int64)
+        if len(index) == 0:
+            return np.zeros((0, self.width) if self.gaussian else (0,), "float32")
+        lo = int(index[0])
+        if np.array_equal(index, np.arange(lo, lo + len(index))):
+            return self(lo, lo + len(index))
+        return self(lo, int(index[-1]) + 1)[index - lo]  # strided shard: draw the span
 
 
 def _numpy(v):
@@ -136,54 +146,3 @@ def _finish(w, kind, tot, rows, n_fisher, samples):
         if "fisher_x2" in tot:
             s["fisher_x2"] = tot["fisher_x2"] / float(tot["rows_fisher"]) * positions
     return s
-
-
-# -------------------------------------------------------------- distributed sums
-def replica_step(strategy, fn):
-    """A `tf.function` running `fn` on every replica and all-reducing its statistics.
-
-    Args:
-        strategy: a `tf.distribute.Strategy`.
-        fn: `fn(x, u, index, target) -> [dict per wrapper]` on one replica's slice.
-
-    Returns:
-        `step(x, u, index, target)` taking per-replica values and returning, per wrapper,
-        the sums over all replicas (``strategy.reduce(SUM)``, on every worker) and the
-        per-sample rows concatenated in replica order (``strategy.gather``).
-    """
-    import tensorflow as tf  # lazily: only under a tf.distribute strategy
-
-    def step(x, u, index, target):
-        per_replica = strategy.run(fn, args=(x, u, index, target))
-        out = []
-        for part in per_replica:
-            red = {}
-            for k, v in part.items():
-                if k == "positions":
-                    red[k] = strategy.experimental_local_results(v)[0]
-                elif k in SAMPLE_KEYS:
-                    red[k] = strategy.gather(v, axis=0)
-                else:
-                    red[k] = strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
-            out.append(red)
-        return out
-
-    return tf.function(step, reduce_retracing=True, autograph=False)
-
-
-def replica_slices(strategy, start, stop):
-    """Global sample ranges `[(a, b)]` of each replica for the samples `start..stop-1`.
-
-    The chunk is split into `num_replicas_in_sync` contiguous, near-equal slices in replica
-    order, so replica ``r`` of every worker gets the same samples on every run.
-    """
-    r = strategy.num_replicas_in_sync
-    edges = np.linspace(start, stop, r + 1).round().astype(int)
-    return list(zip(edges[:-1], edges[1:]))
-
-
-def per_replica(strategy, values):
-    """`values[r]` (a structure of arrays, one per replica) as distributed values."""
-    return strategy.experimental_distribute_values_from_function(
-        lambda ctx: values[ctx.replica_id_in_sync_group]
-    )

@@ -21,8 +21,6 @@ from keras_ibprune import _keras_compat
 from keras_ibprune import allocation as allocation_lib
 from keras_ibprune import channels as channels_lib
 from keras_ibprune import gates as gates_lib
-from keras_ibprune import heldout as heldout_lib
-from keras_ibprune import likelihood as likelihood_lib
 from keras_ibprune import masks as masks_lib
 from keras_ibprune import schedules as schedules_lib
 from keras_ibprune import scores as scores_lib
@@ -58,8 +56,11 @@ class Pruner:
             None picks the score's preferred one (`"global"` for `"ib"`, `"erk"` for
             `"obs"`/activation/gradient/taylor, `"uniform"` for magnitude/random).
         held_out: `(x, y)` arrays, `(x, None)` / `x` (label-free: the dense model's own
-            predictions at `reset()` become the labels), a `tf.data.Dataset` or a Python
-            generator. Take it from validation data, never from the test set.
+            predictions at `reset()` become the labels), a `tf.data.Dataset`, a Python
+            generator, or a dataset function `fn(input_context) -> tf.data.Dataset` (as
+            for `strategy.distribute_datasets_from_function`: each worker reads only its
+            shard; needs `held_out_size=None`). Take it from validation data, never from
+            the test set.
         held_out_size: maximum number of held-out samples (the first ones, the same at every
             update; an infinite dataset is capped), read into memory once. None: all of a
             finite `held_out` (arrays, `tf.data.Dataset` or a callable returning an
@@ -84,7 +85,9 @@ class Pruner:
             ``I_XT/<layer>``) at every update and on `measure()`.
         strategy: shard the held-out statistics over a `tf.distribute.Strategy` (every
             replica computes its slice, the sums are all-reduced, every worker derives the
-            same masks); None computes them all in this process. See docs/distributed.md.
+            same masks); None computes them all in this process. With a dataset function
+            as `held_out`, every worker also reads only its shard. See
+            docs/distributed.md.
 
     Attributes:
         optimizer: the optimizer whose per-weight state (momentum, velocities) of pruned
@@ -133,11 +136,7 @@ class Pruner:
                 f"`min_density` must be in [0, 1]. Received: min_density={min_density!r}"
             )
         self.min_density = float(min_density)
-        if held_out_size is not None and (isinstance(held_out_size, bool) or not isinstance(
-                held_out_size, int) or held_out_size < 2):
-            raise ValueError("`held_out_size` must be an int >= 2 or None. Received: "
-                             f"held_out_size={held_out_size!r}")
-        self.held_out, self.held_out_size = held_out, held_out_size
+        self.held_out, self.held_out_size = held_out, stream_lib.check_size(held_out_size)
         self.strategy = strategy
         self.regrow = bool(regrow)
         self.verbose = verbose
@@ -223,24 +222,12 @@ class Pruner:
                              f"Received: exclude={unknown}, wrapped layers: {sorted(names)}")
         self._data = None
         if self.held_out is not None and self.score.needs_data:
-            x, y = self._held_out()
-            if y is None and self.score.needs_labels:
-                y = self._teacher_labels(x)
-                heldout_lib.check_labels(y, min_count=1)  # rare predicted classes are fine
-            elif y is not None and self.score.needs_labels:
-                heldout_lib.check_labels(y)
-            self._data = (x, y)
-        self._pass = None
+            self._data = stream_lib.load(self.held_out, self.held_out_size, self.model,
+                                         self.output, self.score, self.strategy)
         needs = self.score.required_statistics(self.granularity, self.log_information)
-        if self._data is not None and needs:
-            self._pass = stats_lib.StatisticsPass(
-                self.model, self.wrappers, needs, output=self.output,
-                fisher=getattr(self.score, "fisher", "model"),
-                max_rows=getattr(self.score, "max_rows", 4096),
-                fisher_samples=getattr(self.score, "fisher_samples", None),
-                max_gram_dim=getattr(self.score, "max_gram_dim", 4096),
-                seed=getattr(self.score, "seed", 0), strategy=self.strategy,
-                sample_cap=None if self.held_out_size else stream_lib.SAMPLE_CAP)
+        self._pass = stream_lib.statistics_pass(self.model, self.wrappers, self.score, needs,
+                                                self._data, self.output, self.strategy,
+                                                self.held_out_size)
         self._outputs = self._output_wrappers()
         caps = {w.pattern for w in self.wrappers if getattr(w, "pattern", None)}
         final = float(self.schedule.final_sparsity)
@@ -253,31 +240,6 @@ class Pruner:
                     stacklevel=3)
         self.score.reset()
         self.last_target = self.current_sparsity()
-
-    def _held_out(self):
-        """`(x, y)` arrays, or `(HeldOutStream, y)` with `held_out_size=None`."""
-        if self.held_out_size is not None:
-            return heldout_lib.held_out_arrays(
-                self.held_out, self.held_out_size, self.model, output=self.output)
-        if self.score.needs_activations or self.score.needs_gradients:
-            raise ValueError(
-                f"Score {type(self.score).__name__} reads full activations or weight "
-                "gradients, which need the held-out data in memory: pass an int "
-                "`held_out_size`. Received: held_out_size=None")
-        data = stream_lib.HeldOutStream(self.held_out, self.model, output=self.output)
-        return data, data.scan()[1]
-
-    def _teacher_labels(self, x):
-        """Label-free mode: the current (dense) model's predictions, captured once."""
-        if isinstance(x, stream_lib.HeldOutStream):
-            return np.concatenate([self._teacher_labels(b) for _, b, _ in x.batches(1024)])
-        pred = self.model.predict(x, batch_size=256, verbose=0)
-        output = likelihood_lib.resolve_output(self.model, self.output)
-        pred = np.asarray(likelihood_lib.output_of(pred, output))
-        pred = pred.reshape(len(pred), -1)  # `x` may be a dict of inputs
-        if pred.shape[1] > 1:
-            return np.argmax(pred, axis=1).astype(np.int64)
-        return pred.astype(np.float64)
 
     def _output_wrappers(self):
         """Ids of wrappers whose outputs are model outputs (last wrapper as fallback)."""

@@ -9,7 +9,9 @@ those statistics leave the function (``O(Σ d_in² + d_in·units)`` numbers per 
 are summed over batches in float64 on the host (`accumulate.Totals`), so the held-out
 data can be streamed (`stream.HeldOutStream`) and only one batch is ever in memory.
 Under a `tf.distribute` strategy each replica computes its slice and the sums are
-all-reduced (`accumulate.replica_step`). On JAX the gradients
+all-reduced (`shards.replica_step`); over several JAX processes each process computes
+its share of the batches and the totals are merged (`shards.merge_processes`). On JAX
+the gradients
 come from `jax.value_and_grad` with respect to zero probes added to every pre-activation
 (eager); other backends run the forward statistics eagerly and skip the Fisher ones (a
 warning says so).
@@ -39,7 +41,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_ibprune import accumulate, batch_stats
+from keras_ibprune import accumulate, batch_stats, shards
 from keras_ibprune import heldout as heldout_lib
 from keras_ibprune import likelihood as likelihood_lib
 from keras_ibprune import stream as stream_lib
@@ -130,11 +132,15 @@ class StatisticsPass:
             rows gathered, so every worker gets the same statistics).
         sample_cap: per-sample statistics (`t_mean`, `rows`) cover the first
             `sample_cap` samples only (None: all); the summaries then carry `samples`.
+        shard_processes: on JAX with several processes (`jax.distributed`), each process
+            computes a contiguous share of the batches and the totals are merged with
+            `multihost_utils.process_allgather` (every process must run the pass, as
+            `fit` with the callback does); False: every process computes everything.
     """
 
     def __init__(self, model, wrappers, needs, output=None, fisher="model", max_rows=4096,
                  fisher_samples=None, max_gram_dim=4096, batch_size=256, seed=0,
-                 strategy=None, sample_cap=None):
+                 strategy=None, sample_cap=None, shard_processes=True):
         unknown = set(needs) - set(STATISTICS)
         if unknown:
             raise ValueError(f"Unknown statistics. Expected names from {STATISTICS}. "
@@ -159,9 +165,10 @@ class StatisticsPass:
                 stacklevel=3,
             )
             self.gradients = False
-        self._fns, self._lik = {}, None
-        self._tf_strategy = _check_strategy(strategy)
+        self._fns, self._lik, self.local_batches = {}, None, 0
+        self._tf_strategy = shards.check_strategy(strategy)
         self.sample_cap = None if sample_cap is None else int(sample_cap)
+        self.shard_processes = shard_processes
 
     def _batch(self, x, u, index, target, lik, rows_per_sample, with_grad, needs, period):
         recs = {id(w): [] for w in self.wrappers}
@@ -236,7 +243,7 @@ class StatisticsPass:
                                    rows_per_sample, with_grad, needs, period)
 
             if self._tf_strategy is not None:
-                fn = accumulate.replica_step(self._tf_strategy, fn)
+                fn = shards.replica_step(self._tf_strategy, fn)
             elif keras.backend.backend() == "tensorflow":
                 import tensorflow as tf
 
@@ -265,6 +272,9 @@ class StatisticsPass:
         from keras_ibprune.estimators import label_kind
 
         streamed = isinstance(x, stream_lib.HeldOutStream)
+        src = x if isinstance(x, shards.ShardStream) else None
+        if src is not None:
+            shards.check_sharded(x, self.needs, self.fisher_samples)
         n = x.n if streamed else heldout_lib.num_samples(x)
         kind = "classes" if y is None else label_kind(y)[0]
         lik, width = self._likelihood(x, kind)
@@ -279,52 +289,55 @@ class StatisticsPass:
         step = -(-n // -(-n // self.batch_size))  # equal batches: no retrace for a remainder
         period = -(-n // -(-n // 256))  # conv rows' shift period: a function of n only
         replicas = self._tf_strategy.num_replicas_in_sync if self._tf_strategy else 1
+        if src is not None:  # a worker's chunk comes from its shard: its replicas only
+            replicas //= src.pipelines
         chunk = step * replicas  # samples per call (one batch per replica)
         batches = x.batches(chunk) if streamed else _array_batches(x, n, chunk)
+        if src is not None:  # every worker runs as many steps as the largest shard needs
+            batches = shards.padded(batches, src.calls(chunk))
+            target = None if target is None else shards.local_target(src.local_y, kind)
+        processes = shards.jax_processes() if self.shard_processes else (1, 0)
+        if processes[0] > 1:  # JAX processes: each computes its share, then all merge
+            batches = shards.process_share(batches, -(-n // chunk), *processes)
         totals = accumulate.Totals(len(self.wrappers), self.sample_cap)
         wants_rows = bool(self.needs & {"t_mean", "rows"})
+        self.local_batches = 0  # batches this process computed (tests, logs)
         for start, xb, _ in batches:
+            self.local_batches += 1
             m = heldout_lib.num_samples(xb)
-            with_grad = self.gradients and start < n_fisher
+            with_grad = self.gradients and (src is not None or start < n_fisher)
             fn = self._compiled(lik, rows_per_sample, target is not None, with_grad,
                                 wants_rows and totals.wants_rows(start), period)
-            args = [xb, noise(start, start + m), np.arange(start, start + m, dtype="int32"),
+            index = (src.indices(start, start + m) if src is not None
+                     else np.arange(start, start + m, dtype="int32"))
+            args = [xb, noise.at(index), index,
                     None if target is None else target[start:start + m]]
             if self._tf_strategy is None:
                 parts = fn(_tensors(args[0]), *[None if a is None else ops.convert_to_tensor(a)
                                                 for a in args[1:]])
             else:
-                parts = fn(*self._distribute(args, start, start + m))
+                parts = fn(*self._distribute(args, start, start + m, replicas,
+                                             local=src is not None))
             totals.add(parts, start, m)
+        if processes[0] > 1:
+            totals = shards.merge_processes(totals)
         fisher_seen = min(n, -(-n_fisher // chunk) * chunk) if self.gradients else 0
         return totals.finish(self.wrappers, self.kinds, fisher_seen)
 
-    def _distribute(self, args, start, stop):
-        """Per-replica values of a chunk: replica r gets its contiguous slice."""
+    def _distribute(self, args, start, stop, replicas, local=False):
+        """Per-replica values of a chunk: replica r (of this worker if `local`) gets its
+        contiguous slice."""
         strategy = self._tf_strategy
         slices = [slice(a - start, b - start)
-                  for a, b in accumulate.replica_slices(strategy, start, stop)]
+                  for a, b in shards.replica_slices(replicas, start, stop)]
         out = []
         for i, a in enumerate(args):
             if a is None:
                 out.append(None)
                 continue
             cut = [heldout_lib.slice_inputs(a, sl) if i == 0 else a[sl] for sl in slices]
-            out.append(accumulate.per_replica(strategy, cut))
+            out.append(shards.per_replica(strategy, cut, local))
         return out
-
-
-def _check_strategy(strategy):
-    """The `tf.distribute.Strategy` to shard over, or None."""
-    if strategy is None:
-        return None
-    if not (hasattr(strategy, "run") and hasattr(strategy, "num_replicas_in_sync")):
-        raise ValueError("`strategy` must be None or a tf.distribute.Strategy. "
-                         f"Received: strategy={strategy!r}")
-    if keras.backend.backend() != "tensorflow":
-        raise ValueError("A tf.distribute strategy needs the TensorFlow backend. Received: "
-                         f"backend={keras.backend.backend()!r}")
-    return strategy
 
 
 def _array_batches(x, n, size):

@@ -183,3 +183,116 @@ class HeldOutStream:
 
 def _head(y, size):
     return None if y is None else y[:size]
+
+
+# ----------------------------------------------------------------- for the Pruner
+def check_size(held_out_size):
+    """`held_out_size` checked: an int >= 2 (read into memory) or None (streamed)."""
+    if held_out_size is not None and (
+        isinstance(held_out_size, bool) or not isinstance(held_out_size, int) or held_out_size < 2
+    ):
+        raise ValueError(
+            "`held_out_size` must be an int >= 2 or None. Received: "
+            f"held_out_size={held_out_size!r}"
+        )
+    return held_out_size
+
+
+def statistics_pass(model, wrappers, score, needs, data, output, strategy, size):
+    """The `stats.StatisticsPass` a score needs on `data` (from `load`), or None."""
+    from keras_ibprune import shards, stats  # stats reads streams: imported lazily
+
+    if data is None or not needs:
+        return None
+    sp = stats.StatisticsPass(
+        model,
+        wrappers,
+        needs,
+        output=output,
+        fisher=getattr(score, "fisher", "model"),
+        max_rows=getattr(score, "max_rows", 4096),
+        fisher_samples=getattr(score, "fisher_samples", None),
+        max_gram_dim=getattr(score, "max_gram_dim", 4096),
+        seed=getattr(score, "seed", 0),
+        strategy=strategy,
+        sample_cap=None if size else SAMPLE_CAP,
+    )
+    if isinstance(data[0], shards.ShardStream):  # fail at reset, not at the first update
+        shards.check_sharded(data[0], needs, sp.fisher_samples)
+    return sp
+
+
+def load(held_out, size, model, output=None, score=None, strategy=None):
+    """The Pruner's held-out data: `(x, y)` arrays, or `(stream, y)` when streamed.
+
+    Label-free data (`y` None) gets the dense model's own predictions when the score
+    needs labels.
+
+    Args:
+        held_out: arrays, a dataset, a generator, a callable or a dataset function
+            `fn(input_context)`.
+        size: `held_out_size` (an int: read into memory; None: streamed).
+        model: the model.
+        output: for multi-output models, the output the score follows.
+        score: the `Score` (what it reads decides what is allowed).
+        strategy: the `tf.distribute.Strategy` of a dataset function, or None.
+    """
+    from keras_ibprune import shards  # the sharded stream subclasses `HeldOutStream`
+
+    if shards.is_dataset_fn(held_out):
+        if size is not None:
+            raise ValueError(
+                "A held-out dataset function `held_out(input_context)` is read shard by shard "
+                f"and streamed: pass held_out_size=None. Received: held_out_size={size!r}"
+            )
+        data = shards.ShardStream(held_out, model, output=output, strategy=strategy)
+    elif size is not None:
+        x, y = heldout_lib.held_out_arrays(held_out, size, model, output=output)
+        return x, _labels(x, y, model, output, score)
+    else:
+        data = HeldOutStream(held_out, model, output=output)
+    if score.needs_activations or score.needs_gradients:
+        raise ValueError(
+            f"Score {type(score).__name__} reads full activations or weight gradients, which "
+            "need the held-out data in memory: pass an int `held_out_size`. Received: "
+            "held_out_size=None"
+        )
+    y = data.scan()[1]
+    if isinstance(data, shards.ShardStream) and y is None and score.needs_labels:
+        data.local_y = np.concatenate(
+            [teacher_labels(b, model, output) for _, b, _ in data.batches(1024)]
+        )
+        y = data.local_y if data.pipelines == 1 else _worker_labels(strategy, data.local_y)
+        heldout_lib.check_labels(y, min_count=1)  # rare predicted classes are fine
+        return data, y
+    return data, _labels(data, y, model, output, score)
+
+
+def _worker_labels(strategy, local):
+    from keras_ibprune import shards
+
+    out = shards.worker_concat(strategy, local)
+    return out.astype(local.dtype) if local.dtype.kind in "iub" else out
+
+
+def _labels(x, y, model, output, score):
+    if y is None and score.needs_labels:
+        y = teacher_labels(x, model, output)
+        heldout_lib.check_labels(y, min_count=1)  # rare predicted classes are fine
+    elif y is not None and score.needs_labels:
+        heldout_lib.check_labels(y)
+    return y
+
+
+def teacher_labels(x, model, output=None):
+    """Label-free mode: the current (dense) model's predictions, captured once."""
+    from keras_ibprune import likelihood as likelihood_lib
+
+    if isinstance(x, HeldOutStream):
+        return np.concatenate([teacher_labels(b, model, output) for _, b, _ in x.batches(1024)])
+    pred = model.predict(x, batch_size=256, verbose=0)
+    pred = np.asarray(likelihood_lib.output_of(pred, likelihood_lib.resolve_output(model, output)))
+    pred = pred.reshape(len(pred), -1)  # `x` may be a dict of inputs
+    if pred.shape[1] > 1:
+        return np.argmax(pred, axis=1).astype(np.int64)
+    return pred.astype(np.float64)

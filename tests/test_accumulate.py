@@ -1,6 +1,7 @@
 """Per-sample noise by global index and float64 totals with capped per-sample rows."""
 
 import numpy as np
+import pytest
 
 from keras_ibprune.accumulate import SampleNoise, Totals
 
@@ -32,3 +33,13 @@ def test_totals_sum_in_float64_and_cap_rows():
     assert tot.rows[0]["t_mean"][-1].ravel().tolist() == [4.0]  # samples 0..4 only
     assert sum(len(r) for r in tot.rows[0]["z_rows"]) == 10  # 2 rows per sample
     assert not tot.wants_rows(8) and tot.wants_rows(4)
+
+
+@pytest.mark.parametrize("gaussian", [False, True])
+def test_noise_at_strided_indices_is_the_noise_of_those_samples(gaussian):
+    noise = SampleNoise(3, gaussian=gaussian, width=2)
+    full = SampleNoise(3, gaussian=gaussian, width=2)(0, 40)
+    index = np.arange(5, 40, 3)  # the samples of pipeline 2 of 3 after the first
+    np.testing.assert_array_equal(noise.at(index), full[index])
+    np.testing.assert_array_equal(noise.at(np.arange(7, 12)), full[7:12])
+    assert noise.at(np.arange(0)).shape[0] == 0

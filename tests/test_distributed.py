@@ -36,6 +36,22 @@ def test_two_tf_workers_resume_after_kill_with_the_masks_of_one_process(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("held_out", ["arrays", "files"])
+def test_two_tf_workers_sharded_statistics_equal_one_process(tmp_path, held_out):
+    """Each worker computes the statistics of its shard (`files`: a dataset function, each
+    worker reads only its shard); the all-reduced sums equal the one-process statistics and
+    every worker derives the one-process masks."""
+    pytest.importorskip("tensorflow")
+    result = _example("multi_worker").main(
+        ["--quick", "--sharded", held_out, "--workdir", str(tmp_path), "--timeout", "400"])
+    assert result["stats_keys_match"]
+    assert result["stats_rel"] < 1e-5, result
+    assert result["same_workers"], "the two workers derived different masks"
+    assert result["same_single"], "masks differ from the one-process run"
+    assert result["sparsity"] == pytest.approx(0.9, abs=1e-3)
+
+
+@pytest.mark.slow
 def test_callback_in_a_two_worker_strategy_scope_fails_early_with_a_pointer(tmp_path):
     script = textwrap.dedent(
         """
@@ -76,3 +92,8 @@ def test_jax_data_parallel_devices_and_processes_match_one_device(tmp_path):
     for mode in ("devices", "processes"):
         assert result[mode]["agree"], mode
         assert result[mode]["differ"] == 0, (mode, result[mode])
+        assert result[mode]["stats_agree"], mode
+        assert result[mode]["stats_rel"] < 1e-5, (mode, result[mode])
+    # Two processes: each computed one of the two held-out batches, then the totals merged.
+    assert result["processes"]["local_batches"] == [1, 1], result["processes"]
+    assert result["devices"]["local_batches"] == [2] == [result["devices"]["batches"]]
