@@ -57,8 +57,9 @@ def decode(tensor, values):
     block_map = [] if sparsity.blockMap is None else [int(d) for d in sparsity.blockMap]
     for dim, (size, block) in enumerate(zip(shape, blocks)):
         if block < 1 or size % block:
-            return None, (f"block {'x'.join(map(str, blocks))} does not tile dimension {dim} "
-                          f"of size {size}")
+            return None, (
+                f"block {'x'.join(map(str, blocks))} does not tile dimension {dim} of size {size}"
+            )
     # Sizes of the expanded dimensions: block counts, then in-block sizes.
     sizes = [s // b for s, b in zip(shape, blocks)] + [blocks[d] for d in block_map]
     metas = list(sparsity.dimMetadata)
@@ -113,8 +114,7 @@ def _weights(model_t, raw):
             scale = None if q is None else getattr(q, "scale", None)
             data = _tflite_inspect._buffer_bytes(model_t, tensor, raw)
             if tensor.sparsity is None and scale is not None and len(scale) and data:
-                key = (tuple(int(s) for s in tensor.shape),
-                       np.asarray(scale, np.float32).tobytes())
+                key = (tuple(int(s) for s in tensor.shape), np.asarray(scale, np.float32).tobytes())
                 found[key] = data
     return found
 
@@ -159,13 +159,17 @@ def repair(tflite_bytes, dense_bytes):
     for tensor, reason in broken:
         q = tensor.quantization
         scale = None if q is None else getattr(q, "scale", None)
-        key = (tuple(int(s) for s in tensor.shape),
-               None if scale is None else np.asarray(scale, np.float32).tobytes())
+        key = (
+            tuple(int(s) for s in tensor.shape),
+            None if scale is None else np.asarray(scale, np.float32).tobytes(),
+        )
         name = _tflite_inspect._decode_name(tensor.name)
         if key not in weights:
-            raise ValueError(f"The converter wrote tensor '{name}' with a broken sparse "
-                             f"encoding ({reason}) and the dense conversion has no tensor "
-                             "to replace it. Export with sparse=False.")
+            raise ValueError(
+                f"The converter wrote tensor '{name}' with a broken sparse "
+                f"encoding ({reason}) and the dense conversion has no tensor "
+                "to replace it. Export with sparse=False."
+            )
         buffer = schema.BufferT()
         buffer.data = np.frombuffer(weights[key], dtype=np.uint8).copy()
         model_t.buffers.append(buffer)
@@ -185,13 +189,16 @@ def _drop_densify(model_t, dense_ids):
     for subgraph in model_t.subgraphs:
         rewire, kept = {}, []
         for op in subgraph.operators:
-            if (_tflite_inspect._op_name(model_t, op) == "DENSIFY"
-                    and id(subgraph.tensors[op.inputs[0]]) in dense_ids):
+            if (
+                _tflite_inspect._op_name(model_t, op) == "DENSIFY"
+                and id(subgraph.tensors[op.inputs[0]]) in dense_ids
+            ):
                 rewire[int(op.outputs[0])] = int(op.inputs[0])
                 continue
             kept.append(op)
         for op in kept:
             if op.inputs is not None:
-                op.inputs = np.asarray([rewire.get(int(i), int(i)) for i in op.inputs],
-                                       dtype=np.int32)
+                op.inputs = np.asarray(
+                    [rewire.get(int(i), int(i)) for i in op.inputs], dtype=np.int32
+                )
         subgraph.operators = kept

@@ -13,9 +13,13 @@ FAST = {"compare_dense": False, "latency_runs": 0}
 def _mlp(n_in, sparsity, block=False, seed=0):
     """Dense(n_in -> 32 -> 4), first kernel pruned (unstructured or in (16, 1) blocks)."""
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((n_in,)),
-                              keras.layers.Dense(32, activation="relu", name="a"),
-                              keras.layers.Dense(4, name="b")])
+    model = keras.Sequential(
+        [
+            keras.Input((n_in,)),
+            keras.layers.Dense(32, activation="relu", name="a"),
+            keras.layers.Dense(4, name="b"),
+        ]
+    )
     kernel = model.get_layer("a").kernel.numpy()
     if block:
         tiles = np.abs(kernel).reshape(n_in // 16, 16, 32).sum(1)
@@ -30,8 +34,10 @@ def _mlp(n_in, sparsity, block=False, seed=0):
 def _int8_files(model, x):
     inputs = signature.file_inputs(model, None, (x, x))
     rep = signature.check_data("representative_data", x, model, inputs)
-    return (_convert(model, inputs, False, "int8", rep, "float32"),
-            _convert(model, inputs, True, "int8", rep, "float32"))
+    return (
+        _convert(model, inputs, False, "int8", rep, "float32"),
+        _convert(model, inputs, True, "int8", rep, "float32"),
+    )
 
 
 def _tensor(tflite, n_in):
@@ -72,10 +78,16 @@ def test_decode_rejects_the_converters_int8_block_encoding_of_8_inputs():
 def test_int8_sparse_export_of_a_dense_layer_with_few_inputs_verifies(sparsity, tmp_path):
     # Before the repair: top-1 agreement 0.19 (0.5) / 0.05 (0.8), ExportVerificationError.
     model, x = _mlp(8, sparsity)
-    report = export_tflite(model, tmp_path / "q.tflite", quantize="int8", sparse=True,
-                           representative_data=x, verify_data=x, **FAST)
+    report = export_tflite(
+        model,
+        tmp_path / "q.tflite",
+        quantize="int8",
+        sparse=True,
+        representative_data=x,
+        verify_data=x,
+        **FAST,
+    )
     assert report.top1_agreement >= 0.98
-    assert any("stored dense: the converter's sparse encoding was wrong" in n
-               for n in report.notes)
+    assert any("stored dense: the converter's sparse encoding was wrong" in n for n in report.notes)
     weight = [t for t in report.tensors if t["shape"] == [32, 8]]
     assert [t["storage"] for t in weight] == ["dense"]
