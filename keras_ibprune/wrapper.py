@@ -216,8 +216,11 @@ class PruneWrapper(keras.layers.Wrapper):
                 self._build_masks()
         capture = self._capture
         probe = None if capture is None or not self._probes else self._probes[len(capture)]
+        if self.fake_quant and args:
+            args = (quantize.quantize_input(self, args[0]), *args[1:])
+        want_preact = capture is not None or quantize.needs_preact(self)
         if self.granularity == "weight" and any(True for _ in self.masks):
-            outputs, preact = self._masked_call(args, kwargs, capture is not None, probe)
+            outputs, preact = self._masked_call(args, kwargs, want_preact, probe)
         elif self.gate is not None:
             outputs, preact = self._gated_call(args, kwargs, probe)
         else:
@@ -226,7 +229,7 @@ class PruneWrapper(keras.layers.Wrapper):
             m = ops.cast(self.unit_mask, outputs.dtype)
             outputs = outputs * m
         if self.fake_quant:
-            outputs = quantize.quantize_output(self, outputs)
+            outputs = quantize.quantize_output(self, outputs, preact)
         if capture is not None:
             capture.append((self._first_input(args, kwargs), preact, outputs))
         return outputs
