@@ -27,6 +27,7 @@ from keras_ibprune.legacy import load_legacy_model
 from keras_ibprune.metrics import evaluate
 from keras_ibprune.prune import prune, strip_pruning
 from keras_ibprune.pruner import Pruner
+from keras_ibprune.quantize import quantize_aware
 from keras_ibprune.registry import get_prunable_weights, is_prunable, register_prunable
 from keras_ibprune.schedules import (
     ConstantSparsity,
@@ -108,6 +109,7 @@ __all__ = [
     "plot_units_kept",
     "set_gate_gamma",
     "prune",
+    "quantize_aware",
     "register_prunable",
     "schedules",
     "scores",

@@ -21,7 +21,14 @@ import tempfile
 import keras
 import numpy as np
 
-from keras_ibprune import _keras_compat, _tflite_inspect, _tflite_runner, heldout, signature
+from keras_ibprune import (
+    _keras_compat,
+    _tflite_inspect,
+    _tflite_runner,
+    _tflite_sparse,
+    heldout,
+    signature,
+)
 
 _QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
 _IO_DTYPES = ("float32", "int8", "uint8")
@@ -284,6 +291,10 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
     tflite = dense_file
     if sparse:
         tflite = _convert(model, inputs, True, quantize, representative, io_dtype)
+        tflite, repaired = _tflite_sparse.repair(tflite, dense_file or (lambda: _convert(
+            model, inputs, False, quantize, representative, io_dtype)))
+        notes.extend(f"'{name}' stored dense: the converter's sparse encoding was wrong "
+                     f"({reason}; see _tflite_sparse)" for name, reason in repaired)
         tflite, inserted = _tflite_inspect.densify_unsupported_sparse_inputs(tflite)
         if inserted:
             notes.append(f"inserted {inserted} DENSIFY op(s): the converter fed sparse "

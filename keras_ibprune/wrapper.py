@@ -18,7 +18,7 @@ import inspect
 import keras
 from keras import ops
 
-from keras_ibprune import _keras_compat, baking, patterns, registry
+from keras_ibprune import _keras_compat, baking, patterns, quantize, registry
 from keras_ibprune import gates as gates_lib
 
 GRANULARITIES = ("weight", "channel")
@@ -64,6 +64,8 @@ class PruneWrapper(keras.layers.Wrapper):
             a KL term in `add_loss`; None (default): no gate.
         gate_gamma: γ, the weight of this layer's KL term (default 1e-4).
         gate_log_sigma2: initial log noise variance of the gates (default -6).
+        fake_quant: compute with int8 fake-quantized masked weights and outputs, as TFLite's
+            int8 export will (`keras_ibprune.quantize`; set by `kib.quantize_aware`).
         **kwargs: base layer keyword arguments (`name`, ...).
 
     Example:
@@ -84,6 +86,7 @@ class PruneWrapper(keras.layers.Wrapper):
         gates=None,
         gate_gamma=None,
         gate_log_sigma2=None,
+        fake_quant=False,
         **kwargs,
     ):
         if isinstance(layer, PruneWrapper):
@@ -124,6 +127,7 @@ class PruneWrapper(keras.layers.Wrapper):
             gates_lib.DEFAULT_LOG_SIGMA2 if gate_log_sigma2 is None else gate_log_sigma2
         )
         self.gate = None  # gates_lib.VIBGate once built (gates="vib")
+        self.fake_quant, self.quant_range = bool(fake_quant), None  # see keras_ibprune.quantize
         self.masks = []
         self.unit_mask = None
         self._masks_built = False
@@ -179,6 +183,8 @@ class PruneWrapper(keras.layers.Wrapper):
             )
             if self.gates == "vib":
                 self.gate = gates_lib.VIBGate(self, units, self.gate_gamma, self.gate_log_sigma2)
+        if self.fake_quant:
+            quantize.build_range(self)
         self._masks_built = True
 
     def _num_units(self, input_shape):
@@ -210,8 +216,11 @@ class PruneWrapper(keras.layers.Wrapper):
                 self._build_masks()
         capture = self._capture
         probe = None if capture is None or not self._probes else self._probes[len(capture)]
+        if self.fake_quant and args:
+            args = (quantize.quantize_input(self, args[0]), *args[1:])
+        want_preact = capture is not None or quantize.needs_preact(self)
         if self.granularity == "weight" and any(True for _ in self.masks):
-            outputs, preact = self._masked_call(args, kwargs, capture is not None, probe)
+            outputs, preact = self._masked_call(args, kwargs, want_preact, probe)
         elif self.gate is not None:
             outputs, preact = self._gated_call(args, kwargs, probe)
         else:
@@ -219,6 +228,8 @@ class PruneWrapper(keras.layers.Wrapper):
         if self.unit_mask is not None:
             m = ops.cast(self.unit_mask, outputs.dtype)
             outputs = outputs * m
+        if self.fake_quant:
+            outputs = quantize.quantize_output(self, outputs, preact)
         if capture is not None:
             capture.append((self._first_input(args, kwargs), preact, outputs))
         return outputs
@@ -266,7 +277,7 @@ class PruneWrapper(keras.layers.Wrapper):
 
     def _masked_call(self, args, kwargs, want_preact, probe=None):
         mapping = [
-            (w, ops.multiply(w.value, ops.cast(m.value, w.dtype)))
+            (w, quantize.masked_value(self, w, ops.multiply(w.value, ops.cast(m.value, w.dtype))))
             for w, m in zip(self.prunable_weights, self.masks)
         ]
         outer = _keras_compat.get_stateless_scope()
@@ -321,6 +332,8 @@ class PruneWrapper(keras.layers.Wrapper):
                 "pattern": None if self.pattern is None else "{}:{}".format(*self.pattern),
             }
         )
+        if self.fake_quant:
+            config["fake_quant"] = True
         if self.gates is not None:
             config.update(
                 {

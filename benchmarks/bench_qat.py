@@ -1,0 +1,172 @@
+"""Pruning-preserving int8 (issue 12, item 2): does `kib.quantize_aware` recover int8 accuracy?
+
+LeNet-5-Caffe on the MNIST split (`_data.splits("mnist")`): dense training, then IB pruning
+to SPARSITY with (16, 1) blocks (`kib.prune(block_size=(16, 1))`, every layer) and
+fine-tuning as in `_protocol.run`. From that pruned model:
+
+* float pruned: the Keras model's test accuracy;
+* int8 (no QAT): `export_tflite(quantize="int8", sparse=True)` calibrated on 200 validation
+  images, test accuracy in the LiteRT interpreter;
+* int8 after QAT: `kib.quantize_aware(model, representative_data=calibration)`, QAT_EPOCHS
+  of fine-tuning (Adam 1e-4, masks fixed), recalibration, the same export; and the
+  fake-quant Keras model's accuracy / agreement with the file.
+
+    .venv/bin/python benchmarks/bench_qat.py             # writes benchmarks/results/qat.md/.json
+    .venv/bin/python benchmarks/bench_qat.py --seeds 0   # one seed
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import _data  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_ibprune as kib  # noqa: E402
+
+SPARSITY, BLOCK, DENSE_EPOCHS, PRUNE_EPOCHS, RAMP, QAT_EPOCHS = 0.95, (16, 1), 3, 6, 4, 1
+
+
+def _int8(model, path, calib, test):
+    kib.export_tflite(
+        model,
+        path,
+        quantize="int8",
+        sparse=True,
+        representative_data=calib,
+        verify=False,
+        compare_dense=False,
+        latency_runs=0,
+    )
+    return kib.evaluate(str(path), *test)["accuracy"], os.path.getsize(path)
+
+
+def run_seed(seed, data, tmp):
+    train, val, test = data
+    calib = val[0][:200]
+    keras.utils.set_random_seed(seed)
+    dense = _data.build("lenet5", train[0].shape[1:])
+    dense.compile(
+        keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    dense.fit(*train, batch_size=64, epochs=DENSE_EPOCHS, verbose=0)
+    pruned = kib.prune(dense, block_size=BLOCK)
+    pruned.compile(
+        keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    cb = kib.IBPruning(
+        kib.PolynomialDecay(0.0, SPARSITY, 0, RAMP), held_out=(val[0][:1024], val[1][:1024])
+    )
+    pruned.fit(*train, batch_size=64, epochs=PRUNE_EPOCHS, verbose=0, callbacks=[cb])
+    row = {
+        "seed": seed,
+        "sparsity": float(kib.sparsity(pruned)),
+        "float": float(pruned.evaluate(*test, verbose=0, batch_size=512)[1]),
+    }
+    row["int8"], row["int8_bytes"] = _int8(pruned, tmp / f"noqat{seed}.tflite", calib, test)
+    kib.quantize_aware(pruned, representative_data=calib)
+    pruned.compile(
+        keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    row["fake_quant_before_qat"] = float(pruned.evaluate(*test, verbose=0, batch_size=512)[1])
+    pruned.fit(*train, batch_size=64, epochs=QAT_EPOCHS, verbose=0)
+    kib.quantize_aware(pruned, representative_data=calib)  # recalibrate, as the export does
+    row["fake_quant_after_qat"] = float(pruned.evaluate(*test, verbose=0, batch_size=512)[1])
+    row["int8_qat"], _ = _int8(pruned, tmp / f"qat{seed}.tflite", calib, test)
+    row["float_after_qat"] = float(
+        kib.strip_pruning(pruned).evaluate(*test, verbose=0, batch_size=512)[1]
+    )
+    row["sparsity_after_qat"] = float(kib.sparsity(pruned))
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    args = parser.parse_args()
+    data = _data.splits("mnist")
+    start, rows = time.time(), []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            rows.append(run_seed(seed, data, pathlib.Path(tmp)))
+            print(rows[-1], flush=True)
+    keys = [
+        "float",
+        "int8",
+        "int8_qat",
+        "fake_quant_before_qat",
+        "fake_quant_after_qat",
+        "float_after_qat",
+    ]
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    gap = {
+        "int8_vs_float": mean["int8"] - mean["float"],
+        "int8_qat_vs_float": mean["int8_qat"] - mean["float"],
+        "qat_gain": mean["int8_qat"] - mean["int8"],
+        "int8_qat_vs_float_after_qat": mean["int8_qat"] - mean["float_after_qat"],
+    }
+    meta = {
+        "command": "python benchmarks/bench_qat.py " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, keras {keras.__version__}",
+        "seconds": round(time.time() - start),
+        "sparsity": SPARSITY,
+        "block": BLOCK,
+        "dense_epochs": DENSE_EPOCHS,
+        "prune_epochs": PRUNE_EPOCHS,
+        "qat_epochs": QAT_EPOCHS,
+    }
+    out = HERE / "results"
+    (out / "qat.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "mean": mean, "gap": gap}, indent=2)
+    )
+    lines = [
+        "# Pruning-preserving int8: LeNet-5-Caffe, MNIST split, "
+        f"{SPARSITY:.0%} sparsity, {BLOCK} blocks",
+        "",
+        f"Written by `{meta['command']}` on {meta['date']} ({meta['machine']}; "
+        f"{meta['seconds']} s). Test accuracy (2,000 images); int8 files calibrated on "
+        "200 validation images, run in the LiteRT interpreter.",
+        "",
+        "| seed | sparsity | float pruned | int8, no QAT | int8 after "
+        f"{QAT_EPOCHS} epoch QAT | fake-quant Keras after QAT | float after QAT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['seed']} | {r['sparsity']:.3f} | {r['float']:.4f} | {r['int8']:.4f}"
+            f" | {r['int8_qat']:.4f} | {r['fake_quant_after_qat']:.4f} | "
+            f"{r['float_after_qat']:.4f} |"
+        )
+    lines.append(
+        f"| mean | | {mean['float']:.4f} | {mean['int8']:.4f} | {mean['int8_qat']:.4f}"
+        f" | {mean['fake_quant_after_qat']:.4f} | {mean['float_after_qat']:.4f} |"
+    )
+    lines += [
+        "",
+        f"int8 vs float pruned: {100 * gap['int8_vs_float']:+.2f} points; after QAT: "
+        f"{100 * gap['int8_qat_vs_float']:+.2f} points; QAT gain "
+        f"{100 * gap['qat_gain']:+.2f} points (mean of {len(rows)} seed(s)). "
+        "Control: the same weights stripped to float after the QAT epoch score "
+        f"{100 * gap['int8_qat_vs_float_after_qat']:+.2f} points against the int8 file;"
+        " a gain of QAT over plain int8 that the float model shares comes from the "
+        "extra fine-tuning epoch, not from quantization awareness.",
+    ]
+    (out / "qat.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
