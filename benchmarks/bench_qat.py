@@ -159,8 +159,9 @@ def main():
         f"int8 vs float pruned: {100 * gap['int8_vs_float']:+.2f} points; after QAT: "
         f"{100 * gap['int8_qat_vs_float']:+.2f} points; QAT gain "
         f"{100 * gap['qat_gain']:+.2f} points (mean of {len(rows)} seed(s)). "
-        "Control: the same weights stripped to float after the QAT epoch score "
-        f"{100 * gap['int8_qat_vs_float_after_qat']:+.2f} points against the int8 file;"
+        "Control: the int8 file after QAT scores "
+        f"{100 * gap['int8_qat_vs_float_after_qat']:+.2f} points against the same weights "
+        "stripped to float;"
         " a gain of QAT over plain int8 that the float model shares comes from the "
         "extra fine-tuning epoch, not from quantization awareness.",
     ]
