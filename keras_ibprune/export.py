@@ -22,7 +22,7 @@ import tempfile
 import keras
 import numpy as np
 
-from keras_ibprune import _keras_compat, _tflite_inspect, heldout
+from keras_ibprune import _keras_compat, _tflite_inspect, _xnnpack_tflite, heldout, oplist
 
 _QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
 _IO_DTYPES = ("float32", "int8", "uint8")
@@ -48,7 +48,8 @@ class ExportReport:
     plain float32 export; `sparse` says which encoding the file uses. `tensors` lists the
     weights as stored in the flatbuffer (see `keras_ibprune._tflite_inspect.inspect_tflite`).
     `latency_ms` is the median single-thread latency per inference (batch 1) in the
-    interpreter. `inputs` and `outputs` list the file's signature tensors (`name`, `shape`, `dtype`,
+    interpreter, `latency_ms_threads` the same with 1 and 4 threads; `op_table` lists every
+    op with its Keras layer names and how it runs (`keras_ibprune.oplist`). `inputs` and `outputs` list the file's signature tensors (`name`, `shape`, `dtype`,
     `quantization`); verified outputs also carry their `max_abs_diff` and
     `top1_agreement`, and the top-level figures are the worst over outputs.
     """
@@ -76,6 +77,8 @@ class ExportReport:
     notes: list = dataclasses.field(default_factory=list)
     inputs: list = dataclasses.field(default_factory=list)
     outputs: list = dataclasses.field(default_factory=list)
+    latency_ms_threads: dict | None = None  # {threads: median ms}, 1 and 4 threads
+    op_table: list = dataclasses.field(default_factory=list)  # see keras_ibprune.oplist
 
     @property
     def size_ratio(self):
@@ -90,7 +93,7 @@ class ExportReport:
         return out
 
     def __str__(self):
-        return _tflite_inspect.format_report(self)
+        return _tflite_inspect.format_report(self) + oplist.report_lines(self)
 
 
 def _strip(model):
@@ -383,6 +386,10 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
         if inserted:
             notes.append(f"inserted {inserted} DENSIFY op(s): the converter fed sparse "
                          "weights to kernels that misread them (see _tflite_inspect)")
+        tflite, padded = _xnnpack_tflite.explicit_stride2_padding(tflite)
+        if padded:
+            notes.append(f"{padded} stride-2 'same' convolution(s) written as PAD + 'valid' "
+                         "(the same function; the form XNNPACK's sparse path accepts)")
     dense_gzip = None if dense_file is None else len(gzip.compress(dense_file, 9))
     if sparse == "auto":
         sparse_gzip = len(gzip.compress(tflite, 9))
@@ -410,6 +417,10 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
         if latency_runs:
             sample = verify_x if verify_x is not None else _random_inputs(inputs, 1)
             report.latency_ms = runner.latency_ms(sample, latency_runs)
+            report.latency_ms_threads = oplist.thread_latencies(tmp, sample, latency_runs,
+                                                                report.latency_ms)
+        report.op_table, op_notes = oplist.op_table(tflite, oplist.layer_kinds(model))
+        notes.extend(op_notes)
         report.interpreter = runner.name
         report.notes.extend(runner.notes)
         if compare_dense:
