@@ -49,7 +49,8 @@ class ExportReport:
     weights as stored in the flatbuffer (see `keras_ibprune._tflite_inspect.inspect_tflite`).
     `latency_ms` is the median single-thread latency per inference (batch 1) in the
     interpreter, `latency_ms_threads` the same with 1 and 4 threads; `op_table` lists every
-    op with its Keras layer names and how it runs (`keras_ibprune.oplist`). `inputs` and `outputs` list the file's signature tensors (`name`, `shape`, `dtype`,
+    op with its Keras layer names and how it runs (`keras_ibprune.oplist`).
+    `inputs` and `outputs` list the file's signature tensors (`name`, `shape`, `dtype`,
     `quantization`); verified outputs also carry their `max_abs_diff` and
     `top1_agreement`, and the top-level figures are the worst over outputs.
     """

@@ -6,6 +6,7 @@
   kept only when they are layers of the model, so fused ops list e.g. the convolution, its
   BatchNormalization and its ReLU),
 * `weights`: how its weight is stored (`dense`, `sparse CSR`, `sparse block 1x4`, ...),
+  and `weight_shape` its shape in the file (CONV_2D: `[out, kh, kw, in]`),
 * `delegated`: whether the default XNNPACK delegate of this interpreter takes it,
 * `xnnpack_sparse`: whether it belongs to a subgraph that meets XNNPACK's sparse-inference
   conditions (see `keras_ibprune.xnnpack`), i.e. runs sparse on ARM phones,
@@ -104,13 +105,14 @@ def op_table(tflite_bytes, layer_names=None):
     rows = []
     for i, op in enumerate(sub.operators):
         name = names[i]
-        storage, weight = "-", None
+        storage, weight, kernel = "-", None, None
         if name in _WEIGHTED and len(op.inputs) > 1:
             weight = int(op.inputs[1])
             p = producer.get(weight)
             src = int(sub.operators[p].inputs[0]) if p is not None and names[p] in (
                 "DENSIFY", "DEQUANTIZE") else weight
             storage = _tflite_inspect._storage(sub.tensors[src].sparsity)
+            kernel = [int(d) for d in sub.tensors[weight].shape]
         tensors = [int(t) for t in op.outputs] + ([weight] if weight is not None else [])
         found = []
         for t in tensors:
@@ -130,6 +132,7 @@ def op_table(tflite_bytes, layer_names=None):
         else:
             runs = "fallback"
         rows.append({"index": i, "op": name, "layers": found, "weights": storage,
+                     "weight_shape": kernel,
                      "delegated": i in delegated, "xnnpack_sparse": in_sparse, "runs": runs})
     if sparse_ops and not host_sparse:
         notes.append("XNNPACK's sparse path is off on this CPU (x86 with AVX): ops marked "
