@@ -15,8 +15,21 @@ import numpy as np
 
 from keras_ibprune import _tflite_inspect
 
-_UNARY = {"ABS", "CEIL", "ELU", "FLOOR", "HARD_SWISH", "LEAKY_RELU", "LOGISTIC", "NEG", "RELU",
-          "RELU6", "RELU_N1_TO_1", "ROUND", "SQUARE"}
+_UNARY = {
+    "ABS",
+    "CEIL",
+    "ELU",
+    "FLOOR",
+    "HARD_SWISH",
+    "LEAKY_RELU",
+    "LOGISTIC",
+    "NEG",
+    "RELU",
+    "RELU6",
+    "RELU_N1_TO_1",
+    "ROUND",
+    "SQUARE",
+}
 
 
 def host_runs_sparse():
@@ -66,9 +79,12 @@ def explicit_stride2_padding(tflite_bytes):
         for op in subgraph.operators:
             name = _tflite_inspect._op_name(model_t, op)
             opt = op.builtinOptions
-            if name in ("CONV_2D", "DEPTHWISE_CONV_2D") and opt.padding == schema.Padding.SAME \
-                    and (opt.strideH, opt.strideW) == (2, 2) and (
-                        opt.dilationHFactor, opt.dilationWFactor) == (1, 1):
+            if (
+                name in ("CONV_2D", "DEPTHWISE_CONV_2D")
+                and opt.padding == schema.Padding.SAME
+                and (opt.strideH, opt.strideW) == (2, 2)
+                and (opt.dilationHFactor, opt.dilationWFactor) == (1, 1)
+            ):
                 x = subgraph.tensors[op.inputs[0]]
                 kernel = subgraph.tensors[op.inputs[1]].shape
                 h, w = int(x.shape[1]), int(x.shape[2])
@@ -142,7 +158,8 @@ class _Graph:
         if p is None:
             return _tflite_inspect._buffer_bytes(self.model, self.sub.tensors[t], self.raw) != b""
         return self.names[p] in ("DENSIFY", "DEQUANTIZE") and self.static(
-            int(self.sub.operators[p].inputs[0]))
+            int(self.sub.operators[p].inputs[0])
+        )
 
     def activations(self, i):
         op = self.sub.operators[i]
@@ -153,8 +170,11 @@ class _Graph:
         op, opt = self.sub.operators[i], self.sub.operators[i].builtinOptions
         k = self.shape(int(op.inputs[1]))[1:3]
         if opt.padding == 0:  # SAME: made explicit by XNNPACK only for stride 1
-            return None if (opt.strideH, opt.strideW) != (1, 1) else (
-                (k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+            return (
+                None
+                if (opt.strideH, opt.strideW) != (1, 1)
+                else ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+            )
         p = self.producer.get(int(op.inputs[0]))
         if p is not None and self.names[p] == "PAD":
             pads = _constant(self.model, self.sub, self.raw, int(self.sub.operators[p].inputs[1]))
@@ -173,15 +193,19 @@ class _Graph:
             if (opt.dilationHFactor, opt.dilationWFactor) != (1, 1):
                 return None
             if k[1:3] == [1, 1]:
-                ok = (opt.strideH, opt.strideW) == (1, 1) and self.padding(i) in (
-                    (0, 0, 0, 0),)
+                ok = (opt.strideH, opt.strideW) == (1, 1) and self.padding(i) in ((0, 0, 0, 0),)
                 return "inside" if ok else None
             ok = k[1:3] == [3, 3] and k[3] == 3 and (opt.strideH, opt.strideW) == (2, 2)
             return "enter" if ok and self.padding(i) == (1, 1, 1, 1) else None
         if name == "DEPTHWISE_CONV_2D":
             k = self.shape(int(op.inputs[1]))[1:3]
-            ok = k[0] == k[1] and k[0] in (3, 5) and opt.strideH == opt.strideW and (
-                opt.strideH in (1, 2)) and opt.depthMultiplier in (0, 1)
+            ok = (
+                k[0] == k[1]
+                and k[0] in (3, 5)
+                and opt.strideH == opt.strideW
+                and (opt.strideH in (1, 2))
+                and opt.depthMultiplier in (0, 1)
+            )
             return "inside" if ok and self.padding(i) == (k[0] // 2,) * 4 else None
         ranks = [len(self.shape(t)) for t in self.activations(i)]
         if name in ("ADD", "MUL"):
@@ -194,8 +218,13 @@ class _Graph:
             return "exit"
         if name == "PAD":  # fused into the next convolution when it is constant
             nxt = self.consumers.get(int(op.outputs[0]), [])
-            return "fused" if len(nxt) == 1 and self.names[nxt[0]] in (
-                "CONV_2D", "DEPTHWISE_CONV_2D") and self.padding(nxt[0]) != (0, 0, 0, 0) else None
+            return (
+                "fused"
+                if len(nxt) == 1
+                and self.names[nxt[0]] in ("CONV_2D", "DEPTHWISE_CONV_2D")
+                and self.padding(nxt[0]) != (0, 0, 0, 0)
+                else None
+            )
         return None
 
 
@@ -256,9 +285,13 @@ def sparse_subgraph_ops(tflite_bytes):
         if total and zeros * 3 >= total * 2 and stored_sparse:
             chosen |= ops
         elif total and not stored_sparse:
-            notes.append(f"the subgraph ending at op #{i} (MEAN) meets XNNPACK's sparse layout "
-                         "but its weights are stored dense (export with sparse=True)")
+            notes.append(
+                f"the subgraph ending at op #{i} (MEAN) meets XNNPACK's sparse layout "
+                "but its weights are stored dense (export with sparse=True)"
+            )
         elif total:
-            notes.append(f"a sparse-eligible subgraph ending at op #{i} (MEAN) has only "
-                         f"{zeros / total:.1%} zeros in its 1x1 convolutions (needs >= 2/3)")
+            notes.append(
+                f"a sparse-eligible subgraph ending at op #{i} (MEAN) has only "
+                f"{zeros / total:.1%} zeros in its 1x1 convolutions (needs >= 2/3)"
+            )
     return chosen, notes

@@ -93,8 +93,9 @@ def op_table(tflite_bytes, layer_names=None):
     Returns:
         `(rows, notes)`.
     """
-    layers = dict(layer_names) if isinstance(layer_names, dict) else {
-        n: "" for n in (layer_names or [])}
+    layers = (
+        dict(layer_names) if isinstance(layer_names, dict) else {n: "" for n in (layer_names or [])}
+    )
     model_t = _tflite_inspect.unpack(tflite_bytes)
     sub = model_t.subgraphs[0]
     names = [_tflite_inspect._op_name(model_t, op) for op in sub.operators]
@@ -109,8 +110,11 @@ def op_table(tflite_bytes, layer_names=None):
         if name in _WEIGHTED and len(op.inputs) > 1:
             weight = int(op.inputs[1])
             p = producer.get(weight)
-            src = int(sub.operators[p].inputs[0]) if p is not None and names[p] in (
-                "DENSIFY", "DEQUANTIZE") else weight
+            src = (
+                int(sub.operators[p].inputs[0])
+                if p is not None and names[p] in ("DENSIFY", "DEQUANTIZE")
+                else weight
+            )
             storage = _tflite_inspect._storage(sub.tensors[src].sparsity)
             kernel = [int(d) for d in sub.tensors[weight].shape]
         tensors = [int(t) for t in op.outputs] + ([weight] if weight is not None else [])
@@ -127,23 +131,39 @@ def op_table(tflite_bytes, layer_names=None):
         elif weight is not None and storage != "dense" and producer.get(weight) is None:
             runs = "sparse"  # a kernel reading the sparse encoding (block-sparse FC)
         elif i in delegated:
-            runs = ("sparse" if in_sparse and host_sparse and storage != "dense"
-                    and name == "CONV_2D" else "dense")
+            runs = (
+                "sparse"
+                if in_sparse and host_sparse and storage != "dense" and name == "CONV_2D"
+                else "dense"
+            )
         else:
             runs = "fallback"
-        rows.append({"index": i, "op": name, "layers": found, "weights": storage,
-                     "weight_shape": kernel,
-                     "delegated": i in delegated, "xnnpack_sparse": in_sparse, "runs": runs})
+        rows.append(
+            {
+                "index": i,
+                "op": name,
+                "layers": found,
+                "weights": storage,
+                "weight_shape": kernel,
+                "delegated": i in delegated,
+                "xnnpack_sparse": in_sparse,
+                "runs": runs,
+            }
+        )
     if sparse_ops and not host_sparse:
-        notes.append("XNNPACK's sparse path is off on this CPU (x86 with AVX): ops marked "
-                     "'sparse on ARM' run dense here and sparse on ARM phones")
+        notes.append(
+            "XNNPACK's sparse path is off on this CPU (x86 with AVX): ops marked "
+            "'sparse on ARM' run dense here and sparse on ARM phones"
+        )
     return rows, notes
 
 
 def format_ops(rows, width=100):
     """The op table as text lines (layer lists wrapped at commas, never cut mid-word)."""
-    lines = [f"{'#':>3}  {'op':<18} {'runs here':<9} {'on ARM':<7} {'weights':<16} layers",
-             "     (on ARM: sparse = XNNPACK sparse kernel, NCHW = in its sparse subgraph)"]
+    lines = [
+        f"{'#':>3}  {'op':<18} {'runs here':<9} {'on ARM':<7} {'weights':<16} layers",
+        "     (on ARM: sparse = XNNPACK sparse kernel, NCHW = in its sparse subgraph)",
+    ]
     indent = 3 + 2 + 18 + 1 + 9 + 1 + 7 + 1 + 16 + 1
     for r in rows:
         if r["xnnpack_sparse"]:
@@ -186,8 +206,12 @@ def report_lines(report):
     lines = []
     threads = getattr(report, "latency_ms_threads", None) or {}
     if threads:
-        lines.append("median latency by threads  " + ", ".join(
-            f"{k} thread{'s' if k > 1 else ''}: {v:.4f} ms" for k, v in sorted(threads.items())))
+        lines.append(
+            "median latency by threads  "
+            + ", ".join(
+                f"{k} thread{'s' if k > 1 else ''}: {v:.4f} ms" for k, v in sorted(threads.items())
+            )
+        )
     rows = getattr(report, "op_table", None) or []
     if rows:
         lines += ["", "per op (runs here: sparse / dense XNNPACK / fallback = builtin kernel)"]

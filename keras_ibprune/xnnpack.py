@@ -34,10 +34,28 @@ from keras_ibprune import _keras_compat
 
 POLICIES = ("xnnpack_sparse",)
 
-_UNARY = ("ReLU", "ELU", "LeakyReLU", "Activation", "Dropout", "GaussianNoise",
-          "SpatialDropout2D", "BatchNormalization", "Rescaling")
-_UNARY_ACTIVATIONS = ("linear", "relu", "relu6", "sigmoid", "hard_swish", "hard_silu", "elu",
-                      "leaky_relu", "abs")
+_UNARY = (
+    "ReLU",
+    "ELU",
+    "LeakyReLU",
+    "Activation",
+    "Dropout",
+    "GaussianNoise",
+    "SpatialDropout2D",
+    "BatchNormalization",
+    "Rescaling",
+)
+_UNARY_ACTIVATIONS = (
+    "linear",
+    "relu",
+    "relu6",
+    "sigmoid",
+    "hard_swish",
+    "hard_silu",
+    "elu",
+    "leaky_relu",
+    "abs",
+)
 _MERGE = ("Add", "Multiply")
 
 
@@ -62,7 +80,8 @@ def _same_is_symmetric(size, kernel, stride):
 def _error(layer, what, expected, received):
     return ValueError(
         f"policy='xnnpack_sparse': layer '{layer.name}' ({_kind(layer)}) {what}; XNNPACK's "
-        f"sparse path expects {expected}. Received: {received}")
+        f"sparse path expects {expected}. Received: {received}"
+    )
 
 
 def _pad_of(layer):
@@ -75,29 +94,46 @@ def _check_padding(layer, kernel, stride, prev):
     size = _spatial(layer.input)
     want = kernel // 2
     if layer.padding == "same":
-        if stride == 1 or _same_is_symmetric(size[0], kernel, stride) and _same_is_symmetric(
-                size[1], kernel, stride):
+        if (
+            stride == 1
+            or _same_is_symmetric(size[0], kernel, stride)
+            and _same_is_symmetric(size[1], kernel, stride)
+        ):
             return
-        raise _error(layer, f"uses padding='same' with stride 2 on a {size[0]}x{size[1]} input, "
-                     "which pads (0, 1) (asymmetric)",
-                     f"padding {want} on each side: odd input sizes (for MobileNet-style "
-                     "networks 32k + 1, e.g. 97 or 225)", f"input shape {tuple(layer.input.shape)}")
+        raise _error(
+            layer,
+            f"uses padding='same' with stride 2 on a {size[0]}x{size[1]} input, "
+            "which pads (0, 1) (asymmetric)",
+            f"padding {want} on each side: odd input sizes (for MobileNet-style "
+            "networks 32k + 1, e.g. 97 or 225)",
+            f"input shape {tuple(layer.input.shape)}",
+        )
     if prev is not None and _kind(prev) == "ZeroPadding2D":
         pad = _pad_of(prev)
         if pad == ((want, want), (want, want)):
             return
-        raise _error(prev, f"pads {pad} before the stride-{stride} layer '{layer.name}'",
-                     f"symmetric padding (({want}, {want}), ({want}, {want})): keras.applications "
-                     "pads symmetrically for odd input sizes (32k + 1, e.g. 97 or 225)",
-                     f"padding={pad}")
-    raise _error(layer, "has padding='valid' without a ZeroPadding2D before it",
-                 f"padding {want} on each side (padding='same' on odd input sizes, or "
-                 f"ZeroPadding2D({want}) + 'valid')", "padding='valid'")
+        raise _error(
+            prev,
+            f"pads {pad} before the stride-{stride} layer '{layer.name}'",
+            f"symmetric padding (({want}, {want}), ({want}, {want})): keras.applications "
+            "pads symmetrically for odd input sizes (32k + 1, e.g. 97 or 225)",
+            f"padding={pad}",
+        )
+    raise _error(
+        layer,
+        "has padding='valid' without a ZeroPadding2D before it",
+        f"padding {want} on each side (padding='same' on odd input sizes, or "
+        f"ZeroPadding2D({want}) + 'valid')",
+        "padding='valid'",
+    )
 
 
 def _inbound(layer):
-    return _keras_compat.producing_layer(layer.input) if not isinstance(
-        layer.input, (list, tuple)) else None
+    return (
+        _keras_compat.producing_layer(layer.input)
+        if not isinstance(layer.input, (list, tuple))
+        else None
+    )
 
 
 def check_xnnpack_sparse(model):
@@ -122,101 +158,163 @@ def check_xnnpack_sparse(model):
         ValueError: naming the first layer that breaks the conditions and what is expected.
     """
     if not isinstance(model, keras.Model) or not _keras_compat.has_graph(model):
-        raise ValueError("policy='xnnpack_sparse' needs a Functional or Sequential model. "
-                         f"Received: {type(model).__name__}")
+        raise ValueError(
+            "policy='xnnpack_sparse' needs a Functional or Sequential model. "
+            f"Received: {type(model).__name__}"
+        )
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
-        raise ValueError("policy='xnnpack_sparse' needs one image input (batch, height, "
-                         "width, channels). Received: input shapes "
-                         f"{[tuple(t.shape) for t in model.inputs]}")
-    started, ended, eligible = False, False, []
+        raise ValueError(
+            "policy='xnnpack_sparse' needs one image input (batch, height, "
+            "width, channels). Received: input shapes "
+            f"{[tuple(t.shape) for t in model.inputs]}"
+        )
+    started, ended, eligible = False, None, []
     for layer in model.layers:
         kind = _kind(layer)
-        if kind == "InputLayer" or ended:
+        if ended is not None and kind in ("Conv2D", "DepthwiseConv2D"):
+            raise _error(
+                layer,
+                f"follows the GlobalAveragePooling2D '{ended.name}'",
+                "the sparse subgraph to end at its first spatial mean (squeeze-and-"
+                "excitation blocks, as in MobileNetV3, are not supported by this "
+                "check)",
+                f"layer of type {kind} after '{ended.name}'",
+            )
+        if kind == "InputLayer" or ended is not None:
             continue
         prev = _inbound(layer)
         if kind == "Conv2D" and not started:
             k, s = tuple(layer.kernel_size), tuple(layer.strides)
             channels = layer.input.shape[-1]
-            if k != (3, 3) or s != (2, 2) or tuple(layer.dilation_rate) != (1, 1) or (
-                    channels != 3) or layer.groups != 1:
-                raise _error(layer, "is the first convolution", "a 3x3 stride-2 Conv2D on 3 "
-                             "input channels (no dilation or groups) to start the sparse "
-                             "subgraph", f"kernel_size={k}, strides={s}, input channels="
-                             f"{channels}")
+            if (
+                k != (3, 3)
+                or s != (2, 2)
+                or tuple(layer.dilation_rate) != (1, 1)
+                or (channels != 3)
+                or layer.groups != 1
+            ):
+                raise _error(
+                    layer,
+                    "is the first convolution",
+                    "a 3x3 stride-2 Conv2D on 3 "
+                    "input channels (no dilation or groups) to start the sparse "
+                    "subgraph",
+                    f"kernel_size={k}, strides={s}, input channels={channels}",
+                )
             _check_padding(layer, 3, 2, prev)
             started = True
         elif not started:
             if kind in ("ZeroPadding2D", "Rescaling", "Normalization"):
                 continue
-            raise _error(layer, "comes before the first convolution", "the graph to start "
-                         "with a 3x3 stride-2 Conv2D", f"layer of type {kind}")
+            raise _error(
+                layer,
+                "comes before the first convolution",
+                "the graph to start with a 3x3 stride-2 Conv2D",
+                f"layer of type {kind}",
+            )
         elif kind == "Conv2D":
             k, s = tuple(layer.kernel_size), tuple(layer.strides)
-            if k != (1, 1) or s != (1, 1) or tuple(layer.dilation_rate) != (1, 1) or (
-                    layer.groups != 1):
-                raise _error(layer, "is a convolution inside the sparse subgraph",
-                             "only 1x1 Conv2D with stride 1 (no dilation or groups) there",
-                             f"kernel_size={k}, strides={s}")
+            if (
+                k != (1, 1)
+                or s != (1, 1)
+                or tuple(layer.dilation_rate) != (1, 1)
+                or (layer.groups != 1)
+            ):
+                raise _error(
+                    layer,
+                    "is a convolution inside the sparse subgraph",
+                    "only 1x1 Conv2D with stride 1 (no dilation or groups) there",
+                    f"kernel_size={k}, strides={s}",
+                )
             eligible.append(layer)
         elif kind == "DepthwiseConv2D":
             k, s = tuple(layer.kernel_size), tuple(layer.strides)
-            if k not in ((3, 3), (5, 5)) or s not in ((1, 1), (2, 2)) or tuple(
-                    layer.dilation_rate) != (1, 1) or layer.depth_multiplier != 1:
-                raise _error(layer, "is a depthwise convolution inside the sparse subgraph",
-                             "3x3 or 5x5 kernels, stride 1 or 2, depth_multiplier 1",
-                             f"kernel_size={k}, strides={s}, depth_multiplier="
-                             f"{layer.depth_multiplier}")
+            if (
+                k not in ((3, 3), (5, 5))
+                or s not in ((1, 1), (2, 2))
+                or tuple(layer.dilation_rate) != (1, 1)
+                or layer.depth_multiplier != 1
+            ):
+                raise _error(
+                    layer,
+                    "is a depthwise convolution inside the sparse subgraph",
+                    "3x3 or 5x5 kernels, stride 1 or 2, depth_multiplier 1",
+                    f"kernel_size={k}, strides={s}, depth_multiplier={layer.depth_multiplier}",
+                )
             _check_padding(layer, k[0], s[0], prev)
         elif kind == "ZeroPadding2D":
             nxt = _keras_compat.outbound_layers(layer)
             if not nxt or _kind(nxt[0]) != "DepthwiseConv2D" or nxt[0].padding != "valid":
-                raise _error(layer, "pads outside a stride-2 depthwise convolution",
-                             "ZeroPadding2D only directly before a 'valid' DepthwiseConv2D",
-                             f"padding={_pad_of(layer)}")
+                raise _error(
+                    layer,
+                    "pads outside a stride-2 depthwise convolution",
+                    "ZeroPadding2D only directly before a 'valid' DepthwiseConv2D",
+                    f"padding={_pad_of(layer)}",
+                )
         elif kind in _MERGE:
             shapes = [tuple(t.shape) for t in layer.input]
             if any(len(sh) != 4 for sh in shapes):
-                raise _error(layer, "merges non-image tensors", "4-D inputs",
-                             f"input shapes {shapes}")
+                raise _error(
+                    layer, "merges non-image tensors", "4-D inputs", f"input shapes {shapes}"
+                )
         elif kind == "GlobalAveragePooling2D":
-            ended = True
+            ended = layer
         elif kind in _UNARY:
             act = getattr(getattr(layer, "activation", None), "__name__", "linear")
             if kind == "Activation" and act not in _UNARY_ACTIVATIONS:
-                raise _error(layer, f"applies {act!r}", f"one of {_UNARY_ACTIVATIONS}",
-                             f"activation={act!r}")
+                raise _error(
+                    layer, f"applies {act!r}", f"one of {_UNARY_ACTIVATIONS}", f"activation={act!r}"
+                )
         else:
-            raise _error(layer, "is inside the sparse subgraph", "only 1x1 Conv2D, "
-                         "DepthwiseConv2D, Add/Multiply, BatchNormalization and elementwise "
-                         "activations between the first convolution and "
-                         "GlobalAveragePooling2D", f"layer of type {kind}")
+            raise _error(
+                layer,
+                "is inside the sparse subgraph",
+                "only 1x1 Conv2D, "
+                "DepthwiseConv2D, Add/Multiply, BatchNormalization and elementwise "
+                "activations between the first convolution and "
+                "GlobalAveragePooling2D",
+                f"layer of type {kind}",
+            )
         act = getattr(getattr(layer, "activation", None), "__name__", "linear")
         if kind in ("Conv2D", "DepthwiseConv2D") and act not in _UNARY_ACTIVATIONS:
-            raise _error(layer, f"uses activation={act!r}", f"one of {_UNARY_ACTIVATIONS}",
-                         f"activation={act!r}")
+            raise _error(
+                layer,
+                f"uses activation={act!r}",
+                f"one of {_UNARY_ACTIVATIONS}",
+                f"activation={act!r}",
+            )
     if not started:
-        raise ValueError("policy='xnnpack_sparse': the model has no Conv2D to start the "
-                         "sparse subgraph (a 3x3 stride-2 Conv2D on 3 input channels). "
-                         f"Received: layers {[la.name for la in model.layers]}")
-    if not ended:
-        raise ValueError("policy='xnnpack_sparse': the sparse subgraph must end with "
-                         "GlobalAveragePooling2D (a spatial MEAN). Received: no "
-                         "GlobalAveragePooling2D in model " + repr(model.name))
+        raise ValueError(
+            "policy='xnnpack_sparse': the model has no Conv2D to start the "
+            "sparse subgraph (a 3x3 stride-2 Conv2D on 3 input channels). "
+            f"Received: layers {[la.name for la in model.layers]}"
+        )
+    if ended is None:
+        raise ValueError(
+            "policy='xnnpack_sparse': the sparse subgraph must end with "
+            "GlobalAveragePooling2D (a spatial MEAN). Received: no "
+            "GlobalAveragePooling2D in model " + repr(model.name)
+        )
     if not eligible:
-        raise ValueError("policy='xnnpack_sparse': the model has no 1x1 Conv2D to prune. "
-                         f"Received: model {model.name!r}")
+        raise ValueError(
+            "policy='xnnpack_sparse': the model has no 1x1 Conv2D to prune. "
+            f"Received: model {model.name!r}"
+        )
     return eligible
 
 
 def policy_layers(model, policy, layers, granularity="weight"):
     """The layers `prune(model, policy=...)` wraps (checked), for `prune`'s `layers=`."""
     if policy not in POLICIES:
-        raise ValueError(f"`policy` must be None or one of {POLICIES}. Received: "
-                         f"policy={policy!r}")
+        raise ValueError(f"`policy` must be None or one of {POLICIES}. Received: policy={policy!r}")
     if layers is not None:
-        raise ValueError("Pass either `policy` or `layers`, not both: the policy chooses the "
-                         f"layers. Received: policy={policy!r}, layers={layers!r}")
+        raise ValueError(
+            "Pass either `policy` or `layers`, not both: the policy chooses the "
+            f"layers. Received: policy={policy!r}, layers={layers!r}"
+        )
     if granularity != "weight":
-        raise ValueError("policy='xnnpack_sparse' prunes weights (sparse kernels), not "
-                         f"channels. Received: granularity={granularity!r}")
+        raise ValueError(
+            "policy='xnnpack_sparse' prunes weights (sparse kernels), not "
+            f"channels. Received: granularity={granularity!r}"
+        )
     return check_xnnpack_sparse(model)

@@ -10,15 +10,18 @@ from keras_ibprune.export import export_tflite
 
 
 def _model():
-    return keras.Sequential([
-        keras.Input((6, 6, 2)),
-        keras.layers.Conv2D(8, 3, name="features_conv"),
-        keras.layers.BatchNormalization(name="features_bn"),
-        keras.layers.ReLU(name="features_relu"),
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(32, activation="relu", name="hidden_dense"),
-        keras.layers.Dense(4, name="class_logits"),
-    ], name="tiny")
+    return keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(8, 3, name="features_conv"),
+            keras.layers.BatchNormalization(name="features_bn"),
+            keras.layers.ReLU(name="features_relu"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(32, activation="relu", name="hidden_dense"),
+            keras.layers.Dense(4, name="class_logits"),
+        ],
+        name="tiny",
+    )
 
 
 def _prune(model):
@@ -36,8 +39,14 @@ def test_report_lists_layer_names_and_how_each_op_runs(tmp_path):
     model = _model()
     _prune(model)
     x = np.random.default_rng(1).normal(size=(16, 6, 6, 2)).astype("float32")
-    report = export_tflite(model, str(tmp_path / "m.tflite"), sparse=True, verify_data=x,
-                           compare_dense=False, latency_runs=5)
+    report = export_tflite(
+        model,
+        str(tmp_path / "m.tflite"),
+        sparse=True,
+        verify_data=x,
+        compare_dense=False,
+        latency_runs=5,
+    )
     rows = {r["op"]: r for r in report.op_table}
     names = {la.name for la in model.layers}
     for row in report.op_table:
@@ -61,7 +70,7 @@ def test_report_lists_layer_names_and_how_each_op_runs(tmp_path):
     assert set(report.latency_ms_threads) == {1, 4}
     assert all(v > 0 for v in report.latency_ms_threads.values())
     text = str(report)
-    table = text[text.index("per op"):].splitlines()[3:]
+    table = text[text.index("per op") :].splitlines()[3:]
     listed = set()
     for line in table:  # every listed name is a Keras layer name, printed whole
         listed |= {w for w in re.findall(r"[\w]+", line.split("  ")[-1]) if "_" in w}
@@ -78,8 +87,16 @@ def test_layer_names_resolve_keras_scope_suffixes():
 
 
 def test_format_ops_wraps_long_layer_lists_at_commas():
-    rows = [{"index": 0, "op": "CONV_2D", "runs": "dense", "xnnpack_sparse": False,
-             "weights": "dense", "layers": [f"block_{i}_expand_relu" for i in range(8)]}]
+    rows = [
+        {
+            "index": 0,
+            "op": "CONV_2D",
+            "runs": "dense",
+            "xnnpack_sparse": False,
+            "weights": "dense",
+            "layers": [f"block_{i}_expand_relu" for i in range(8)],
+        }
+    ]
     lines = oplist.format_ops(rows, width=80)
     body = lines[2:]
     assert len(body) > 1 and all(len(line) <= 80 for line in body)

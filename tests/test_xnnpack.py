@@ -13,16 +13,20 @@ from keras_ibprune.xnnpack import check_xnnpack_sparse
 FAST = {"compare_dense": False, "latency_runs": 0}
 
 
-def _mobile(size=17, stem_padding="same", dw2=("pad", 1), first_kernel=3, pw_strides=1,
-            end="gap"):
+def _mobile(size=17, stem_padding="same", dw2=("pad", 1), first_kernel=3, pw_strides=1, end="gap"):
     """A tiny MobileNet-style model: stem, dw 3x3, 1x1, (pad +) dw 3x3 stride 2, 1x1, GAP."""
     layers = keras.layers
     inp = keras.Input((size, size, 3))
     x = inp
     if stem_padding == "pad":
         x = layers.ZeroPadding2D(1, name="stem_pad")(x)
-    x = layers.Conv2D(8, first_kernel, strides=2, padding="valid" if stem_padding == "pad"
-                      else "same", name="stem")(x)
+    x = layers.Conv2D(
+        8,
+        first_kernel,
+        strides=2,
+        padding="valid" if stem_padding == "pad" else "same",
+        name="stem",
+    )(x)
     x = layers.BatchNormalization(name="stem_bn")(x)
     x = layers.ReLU(6.0, name="stem_relu")(x)
     x = layers.DepthwiseConv2D(3, padding="same", name="dw1")(x)
@@ -34,8 +38,11 @@ def _mobile(size=17, stem_padding="same", dw2=("pad", 1), first_kernel=3, pw_str
         x = layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw2")(x)
     y = layers.Conv2D(16, 1, name="pw2")(x)
     x = layers.Add(name="add")([y, layers.Conv2D(16, 1, name="pw3")(y)])
-    x = layers.GlobalAveragePooling2D(name="gap")(x) if end == "gap" else layers.Flatten(
-        name="flat")(x)
+    x = (
+        layers.GlobalAveragePooling2D(name="gap")(x)
+        if end == "gap"
+        else layers.Flatten(name="flat")(x)
+    )
     return keras.Model(inp, layers.Dense(4, name="logits")(x))
 
 
@@ -50,7 +57,10 @@ def _zero_1x1(model, sparsity=0.9, seed=0):
 def test_check_returns_only_the_1x1_convs():
     assert [la.name for la in check_xnnpack_sparse(_mobile())] == ["pw1", "pw2", "pw3"]
     assert [la.name for la in check_xnnpack_sparse(_mobile(stem_padding="pad"))] == [
-        "pw1", "pw2", "pw3"]
+        "pw1",
+        "pw2",
+        "pw3",
+    ]
 
 
 def test_policy_wraps_only_eligible_1x1_convs():
@@ -59,19 +69,37 @@ def test_policy_wraps_only_eligible_1x1_convs():
     assert wrapped == ["pw1", "pw2", "pw3"]  # not the stem, depthwise or Dense layers
 
 
-@pytest.mark.parametrize("kwargs, layer, expected", [
-    ({"size": 16}, "'stem'", "pads (0, 1)"),  # even input: SAME stride 2 is asymmetric
-    ({"dw2": ("same", 0), "size": 19}, "'dw2'", "pads (0, 1)"),  # 19 -> 10: even at dw2
-    ({"dw2": ("pad", ((0, 1), (0, 1)))}, "'dw2_pad'", "symmetric padding"),
-    ({"first_kernel": 5}, "'stem'", "3x3 stride-2 Conv2D on 3"),
-    ({"pw_strides": 2}, "'pw1'", "only 1x1 Conv2D with stride 1"),
-    ({"end": "flatten"}, "'flat'", "GlobalAveragePooling2D"),
-])
+@pytest.mark.parametrize(
+    "kwargs, layer, expected",
+    [
+        ({"size": 16}, "'stem'", "pads (0, 1)"),  # even input: SAME stride 2 is asymmetric
+        ({"dw2": ("same", 0), "size": 19}, "'dw2'", "pads (0, 1)"),  # 19 -> 10: even at dw2
+        ({"dw2": ("pad", ((0, 1), (0, 1)))}, "'dw2_pad'", "symmetric padding"),
+        ({"first_kernel": 5}, "'stem'", "3x3 stride-2 Conv2D on 3"),
+        ({"pw_strides": 2}, "'pw1'", "only 1x1 Conv2D with stride 1"),
+        ({"end": "flatten"}, "'flat'", "GlobalAveragePooling2D"),
+    ],
+)
 def test_graph_check_names_the_first_offending_layer(kwargs, layer, expected):
     with pytest.raises(ValueError, match="policy='xnnpack_sparse'") as err:
         kib.prune(_mobile(**kwargs), policy="xnnpack_sparse")
     assert f"layer {layer}" in str(err.value) and expected in str(err.value)
     assert "Received:" in str(err.value)
+
+
+def test_squeeze_excitation_after_a_global_pool_is_refused():
+    layers = keras.layers
+    inp = keras.Input((17, 17, 3))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", name="stem")(inp)
+    x = layers.Conv2D(8, 1, name="pw")(x)
+    s = layers.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)
+    s = layers.Conv2D(8, 1, activation="sigmoid", name="se_fc")(s)
+    x = layers.Multiply(name="se_mul")([x, s])
+    out = layers.Dense(2)(layers.GlobalAveragePooling2D(name="gap")(x))
+    with pytest.raises(
+        ValueError, match="layer 'se_fc'.*follows the GlobalAveragePooling2D 'se_pool'"
+    ):
+        check_xnnpack_sparse(keras.Model(inp, out))
 
 
 def test_policy_bad_arguments():
@@ -85,8 +113,9 @@ def test_policy_bad_arguments():
 
 def test_keras_applications_mobilenet_v2_odd_size_passes_even_size_fails():
     def build(size):
-        return keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=0.35,
-                                              weights=None, classes=4)
+        return keras.applications.MobileNetV2(
+            input_shape=(size, size, 3), alpha=0.35, weights=None, classes=4
+        )
 
     eligible = check_xnnpack_sparse(build(33))
     assert len(eligible) == 34 and all(la.kernel_size == (1, 1) for la in eligible)
@@ -108,7 +137,12 @@ def test_sparse_export_densifies_the_1x1_kernels_and_meets_the_layout():
     rows = {(r["op"], tuple(r["layers"])): r for r in report.op_table}
     sparse_ops, _ = _xnnpack_tflite.sparse_subgraph_ops(open(report.path, "rb").read())
     assert {r["op"] for r in report.op_table if r["xnnpack_sparse"]} == {
-        "PAD", "CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MEAN"}
+        "PAD",
+        "CONV_2D",
+        "DEPTHWISE_CONV_2D",
+        "ADD",
+        "MEAN",
+    }
     assert len(sparse_ops) == sum(r["xnnpack_sparse"] for r in report.op_table)
     assert not next(r for k, r in rows.items() if "logits" in k[1])["xnnpack_sparse"]
 
@@ -142,8 +176,7 @@ def test_host_runs_sparse_is_false_on_x86_with_avx(monkeypatch):
     monkeypatch.setattr(_xnnpack_tflite.platform, "machine", lambda: "aarch64")
     assert _xnnpack_tflite.host_runs_sparse()
     monkeypatch.setattr(_xnnpack_tflite.platform, "machine", lambda: "x86_64")
-    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists(
-        "/proc/cpuinfo") else ""
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
     assert _xnnpack_tflite.host_runs_sparse() == (" avx " not in flags.replace("\n", " "))
 
 
