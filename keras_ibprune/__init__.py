@@ -57,6 +57,7 @@ from keras_ibprune.summary import (
     sparsity_summary,
 )
 from keras_ibprune.wrapper import PruneWrapper
+from keras_ibprune.xnnpack import check_xnnpack_sparse
 
 try:
     __version__ = version("keras-ibprune")
@@ -94,6 +95,7 @@ __all__ = [
     "channel_groups",
     "channels",
     "check_widths",
+    "check_xnnpack_sparse",
     "count_flops",
     "count_params",
     "estimators",

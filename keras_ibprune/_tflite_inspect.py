@@ -33,7 +33,7 @@ import re
 
 import numpy as np
 
-_NP_DTYPES = {
+NP_DTYPES = {
     "FLOAT32": np.float32,
     "FLOAT16": np.float16,
     "FLOAT64": np.float64,
@@ -49,7 +49,7 @@ _NP_DTYPES = {
 }
 
 
-def _schema():
+def load_schema():
     """The TFLite flatbuffer schema: LiteRT's generated module (no TensorFlow import), else
     TensorFlow's copy."""
     try:
@@ -59,26 +59,26 @@ def _schema():
     return schema_py_generated
 
 
-def _enum_names(enum_cls):
+def enum_names(enum_cls):
     return {v: k for k, v in vars(enum_cls).items() if not k.startswith("_")}
 
 
 def unpack(tflite_bytes):
     """Returns the flatbuffer as a `ModelT` object tree."""
-    return _schema().ModelT.InitFromPackedBuf(bytearray(tflite_bytes), 0)
+    return load_schema().ModelT.InitFromPackedBuf(bytearray(tflite_bytes), 0)
 
 
-def _op_name(model_t, op):
-    schema = _schema()
+def op_name(model_t, op):
+    schema = load_schema()
     code = model_t.operatorCodes[op.opcodeIndex]
     builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
     if builtin == schema.BuiltinOperator.CUSTOM:
         custom = code.customCode
         return "CUSTOM:" + (custom.decode() if isinstance(custom, bytes) else str(custom))
-    return _enum_names(schema.BuiltinOperator).get(builtin, f"OP_{builtin}")
+    return enum_names(schema.BuiltinOperator).get(builtin, f"OP_{builtin}")
 
 
-def _buffer_bytes(model_t, tensor, raw):
+def buffer_bytes(model_t, tensor, raw):
     buf = model_t.buffers[tensor.buffer]
     if buf.data is not None and len(buf.data):
         return np.asarray(buf.data, dtype=np.uint8).tobytes()
@@ -87,11 +87,11 @@ def _buffer_bytes(model_t, tensor, raw):
     return b""
 
 
-def _decode_name(name):
+def decode_name(name):
     return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
 
 
-def _storage(sparsity):
+def storage_of(sparsity):
     if sparsity is None:
         return "dense"
     block_map = [int(d) for d in sparsity.blockMap] if sparsity.blockMap is not None else []
@@ -126,34 +126,34 @@ def inspect_tflite(tflite_bytes):
         (fraction of zeros of the logical tensor), consumers and whether the
         runtime executes it sparse (consumed without a DENSIFY op).
     """
-    schema = _schema()
-    type_names = _enum_names(schema.TensorType)
+    schema = load_schema()
+    type_names = enum_names(schema.TensorType)
     model_t = unpack(tflite_bytes)
     ops, tensors = [], []
     for subgraph in model_t.subgraphs:
         consumers = {}
         for op in subgraph.operators:
-            name = _op_name(model_t, op)
+            name = op_name(model_t, op)
             ops.append(name)
             for idx in op.inputs if op.inputs is not None else []:
                 consumers.setdefault(int(idx), []).append(name)
         for idx, tensor in enumerate(subgraph.tensors):
             shape = [int(s) for s in (tensor.shape if tensor.shape is not None else [])]
-            data = _buffer_bytes(model_t, tensor, tflite_bytes)
+            data = buffer_bytes(model_t, tensor, tflite_bytes)
             if len(shape) < 2 or not data:
                 continue
             dtype_name = type_names.get(tensor.type, str(tensor.type))
-            np_dtype = _NP_DTYPES.get(dtype_name)
+            np_dtype = NP_DTYPES.get(dtype_name)
             numel = int(np.prod(shape))
             nonzero, stored = None, None
             if np_dtype is not None:
                 values = np.frombuffer(data, dtype=np_dtype)
                 stored, nonzero = int(values.size), int(np.count_nonzero(values))
             users = consumers.get(idx, [])
-            storage = _storage(tensor.sparsity)
+            storage = storage_of(tensor.sparsity)
             tensors.append(
                 {
-                    "name": _decode_name(tensor.name),
+                    "name": decode_name(tensor.name),
                     "shape": shape,
                     "dtype": dtype_name.lower(),
                     "storage": storage,
@@ -185,7 +185,7 @@ def densify_unsupported_sparse_inputs(tflite_bytes):
     """
     import flatbuffers
 
-    schema = _schema()
+    schema = load_schema()
     model_t = unpack(tflite_bytes)
     densify_code = None
     inserted = 0
@@ -193,7 +193,7 @@ def densify_unsupported_sparse_inputs(tflite_bytes):
         replaced = {}
         new_ops = []
         for op in subgraph.operators:
-            name = _op_name(model_t, op)
+            name = op_name(model_t, op)
             if name == "DENSIFY" or op.inputs is None:
                 continue
             for pos, idx in enumerate(op.inputs):
@@ -213,7 +213,7 @@ def densify_unsupported_sparse_inputs(tflite_bytes):
                         densify_code = len(model_t.operatorCodes) - 1
                     src = subgraph.tensors[idx]
                     out = schema.TensorT()
-                    out.name = _decode_name(src.name) + "/densified"
+                    out.name = decode_name(src.name) + "/densified"
                     out.shape = np.asarray(src.shape, dtype=np.int32)
                     out.type = src.type
                     out.quantization = src.quantization

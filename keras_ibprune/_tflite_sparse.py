@@ -18,7 +18,7 @@ finds such tensors and stores them dense, taking the values from the dense conve
 
 import numpy as np
 
-from keras_ibprune import _tflite_inspect
+from keras_ibprune import _tflite_inspect, _xnnpack_tflite
 
 
 def _vector(vec):
@@ -112,7 +112,7 @@ def _weights(model_t, raw):
         for tensor in subgraph.tensors:
             q = tensor.quantization
             scale = None if q is None else getattr(q, "scale", None)
-            data = _tflite_inspect._buffer_bytes(model_t, tensor, raw)
+            data = _tflite_inspect.buffer_bytes(model_t, tensor, raw)
             if tensor.sparsity is None and scale is not None and len(scale) and data:
                 key = (tuple(int(s) for s in tensor.shape), np.asarray(scale, np.float32).tobytes())
                 found[key] = data
@@ -137,15 +137,15 @@ def repair(tflite_bytes, dense_bytes):
         ValueError: a broken tensor has no counterpart in the dense conversion.
     """
     model_t = _tflite_inspect.unpack(tflite_bytes)
-    schema = _tflite_inspect._schema()
-    types = _tflite_inspect._enum_names(schema.TensorType)
+    schema = _tflite_inspect.load_schema()
+    types = _tflite_inspect.enum_names(schema.TensorType)
     broken = []
     for subgraph in model_t.subgraphs:
         for tensor in subgraph.tensors:
             if tensor.sparsity is None:
                 continue
-            data = _tflite_inspect._buffer_bytes(model_t, tensor, tflite_bytes)
-            dtype = _tflite_inspect._NP_DTYPES.get(types.get(tensor.type))
+            data = _tflite_inspect.buffer_bytes(model_t, tensor, tflite_bytes)
+            dtype = _tflite_inspect.NP_DTYPES.get(types.get(tensor.type))
             if dtype is None:
                 continue
             _, reason = decode(tensor, np.frombuffer(data, dtype=dtype))
@@ -163,7 +163,7 @@ def repair(tflite_bytes, dense_bytes):
             tuple(int(s) for s in tensor.shape),
             None if scale is None else np.asarray(scale, np.float32).tobytes(),
         )
-        name = _tflite_inspect._decode_name(tensor.name)
+        name = _tflite_inspect.decode_name(tensor.name)
         if key not in weights:
             raise ValueError(
                 f"The converter wrote tensor '{name}' with a broken sparse "
@@ -190,7 +190,7 @@ def _drop_densify(model_t, dense_ids):
         rewire, kept = {}, []
         for op in subgraph.operators:
             if (
-                _tflite_inspect._op_name(model_t, op) == "DENSIFY"
+                _tflite_inspect.op_name(model_t, op) == "DENSIFY"
                 and id(subgraph.tensors[op.inputs[0]]) in dense_ids
             ):
                 rewire[int(op.outputs[0])] = int(op.inputs[0])
@@ -202,3 +202,30 @@ def _drop_densify(model_t, dense_ids):
                     [rewire.get(int(i), int(i)) for i in op.inputs], dtype=np.int32
                 )
         subgraph.operators = kept
+
+
+def fix(tflite_bytes, dense_bytes, notes):
+    """Every repair a sparse file gets before it is written, each said in `notes`:
+    broken encodings stored dense (`repair`), DENSIFY ops for kernels that misread sparse
+    inputs, and symmetric stride-2 "same" convolutions as PAD + "valid" (for XNNPACK).
+
+    Args:
+        tflite_bytes: the sparse conversion.
+        dense_bytes: the dense conversion of the same model, or a callable making it.
+        notes: a list the report's notes are appended to.
+
+    Returns:
+        The repaired flatbuffer bytes.
+    """
+    tflite, repaired = repair(tflite_bytes, dense_bytes)
+    notes.extend(f"'{name}' stored dense: the converter's sparse encoding was wrong "
+                 f"({reason}; see _tflite_sparse)" for name, reason in repaired)
+    tflite, inserted = _tflite_inspect.densify_unsupported_sparse_inputs(tflite)
+    if inserted:
+        notes.append(f"inserted {inserted} DENSIFY op(s): the converter fed sparse "
+                     "weights to kernels that misread them (see _tflite_inspect)")
+    tflite, padded = _xnnpack_tflite.explicit_stride2_padding(tflite)
+    if padded:
+        notes.append(f"{padded} stride-2 'same' convolution(s) written as PAD + 'valid' "
+                     "(the same function; the form XNNPACK's sparse path accepts)")
+    return tflite

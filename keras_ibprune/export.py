@@ -27,6 +27,7 @@ from keras_ibprune import (
     _tflite_runner,
     _tflite_sparse,
     heldout,
+    oplist,
     signature,
 )
 
@@ -54,7 +55,9 @@ class ExportReport:
     plain float32 export; `sparse` says which encoding the file uses. `tensors` lists the
     weights as stored in the flatbuffer (see `keras_ibprune._tflite_inspect.inspect_tflite`).
     `latency_ms` is the median single-thread latency per inference (batch 1) in the
-    interpreter. `inputs` and `outputs` list the file's signature tensors (`name`, `shape`, `dtype`,
+    interpreter, `latency_ms_threads` the same with 1 and 4 threads; `op_table` lists every
+    op with its Keras layer names and how it runs (`keras_ibprune.oplist`).
+    `inputs` and `outputs` list the file's signature tensors (`name`, `shape`, `dtype`,
     `quantization`); verified outputs also carry their `max_abs_diff` and
     `top1_agreement`, and the top-level figures are the worst over outputs.
     """
@@ -82,6 +85,8 @@ class ExportReport:
     notes: list = dataclasses.field(default_factory=list)
     inputs: list = dataclasses.field(default_factory=list)
     outputs: list = dataclasses.field(default_factory=list)
+    latency_ms_threads: dict | None = None  # {threads: median ms}, 1 and 4 threads
+    op_table: list = dataclasses.field(default_factory=list)  # see keras_ibprune.oplist
 
     @property
     def size_ratio(self):
@@ -96,7 +101,7 @@ class ExportReport:
         return out
 
     def __str__(self):
-        return _tflite_inspect.format_report(self)
+        return _tflite_inspect.format_report(self) + oplist.report_lines(self)
 
 
 def _strip(model):
@@ -291,14 +296,8 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
     tflite = dense_file
     if sparse:
         tflite = _convert(model, inputs, True, quantize, representative, io_dtype)
-        tflite, repaired = _tflite_sparse.repair(tflite, dense_file or (lambda: _convert(
-            model, inputs, False, quantize, representative, io_dtype)))
-        notes.extend(f"'{name}' stored dense: the converter's sparse encoding was wrong "
-                     f"({reason}; see _tflite_sparse)" for name, reason in repaired)
-        tflite, inserted = _tflite_inspect.densify_unsupported_sparse_inputs(tflite)
-        if inserted:
-            notes.append(f"inserted {inserted} DENSIFY op(s): the converter fed sparse "
-                         "weights to kernels that misread them (see _tflite_inspect)")
+        tflite = _tflite_sparse.fix(tflite, dense_file or (lambda: _convert(
+            model, inputs, False, quantize, representative, io_dtype)), notes)
     dense_gzip = None if dense_file is None else len(gzip.compress(dense_file, 9))
     if sparse == "auto":
         sparse_gzip = len(gzip.compress(tflite, 9))
@@ -326,6 +325,10 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
         if latency_runs:
             sample = verify_x if verify_x is not None else signature.random_inputs(inputs, 1)
             report.latency_ms = runner.latency_ms(sample, latency_runs)
+            report.latency_ms_threads = oplist.thread_latencies(tmp, sample, latency_runs,
+                                                                report.latency_ms)
+        report.op_table, op_notes = oplist.op_table(tflite, oplist.layer_kinds(model))
+        notes.extend(op_notes)
         report.interpreter = runner.name
         report.notes.extend(runner.notes)
         if compare_dense:

@@ -60,6 +60,7 @@ def prune(
     pattern=None,
     gates=None,
     gamma=None,
+    policy=None,
 ):
     """Wraps the prunable layers of a model (or a layer, or a list of layers).
 
@@ -92,6 +93,9 @@ def prune(
         gamma: the KL weight γ of the gates: a float for every layer or a dict
             `{layer name: γ}` (unnamed layers get the default 1e-4). Change it later with
             `kib.set_gate_gamma`.
+        policy: `"xnnpack_sparse"`: wrap only the 1x1 `Conv2D` layers that LiteRT's XNNPACK
+            runs with sparse kernels, after checking the graph meets its conditions
+            (`kib.check_xnnpack_sparse`; prune them to >= 2/3 sparsity). Excludes `layers`.
 
     Returns:
         A new model with the same weights whose prunable layers are wrapped (a
@@ -139,6 +143,10 @@ def prune(
             "keras.layers.Dense(10))`; the IBPruning callback, strip_pruning and the summary "
             f"then work on it. Received: to_prune of type {type(to_prune).__name__}"
         )
+    if policy is not None:
+        from keras_ibprune import xnnpack
+
+        layers = xnnpack.policy_layers(to_prune, policy, layers, granularity)
     chosen = selection.select(to_prune, layers, exclude, granularity)
     all_layers, only, skip = chosen.layers, chosen.only, chosen.skip
     plan, nested = chosen.plan, chosen.nested

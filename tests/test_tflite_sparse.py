@@ -44,7 +44,7 @@ def _tensor(tflite, n_in):
     model_t = _tflite_inspect.unpack(tflite)
     for tensor in model_t.subgraphs[0].tensors:
         if list(tensor.shape) == [32, n_in]:
-            data = _tflite_inspect._buffer_bytes(model_t, tensor, tflite)
+            data = _tflite_inspect.buffer_bytes(model_t, tensor, tflite)
             return tensor, np.frombuffer(data, np.int8)
     raise AssertionError("weight tensor not found")
 
