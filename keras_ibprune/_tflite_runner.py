@@ -7,10 +7,11 @@ graphs: "failed to delegate CONV_2D"). `export_tflite` verifies and times its fi
 it; `metrics.evaluate` scores them.
 """
 
-import re
 import time
 
 import numpy as np
+
+from keras_ibprune import signature
 
 
 def _quantized(detail):
@@ -87,7 +88,8 @@ class Runner:
         """`x` (one array, or a dict by input name) as `{input name: array}`."""
         names = list(self.inputs)
         if isinstance(x, dict):  # model input names as `export_tflite` spells them
-            x = {k if k in self.inputs else re.sub(r"\W", "_", str(k)): v for k, v in x.items()}
+            keys = [k if k in self.inputs else n for k, n in zip(x, signature.arg_names(x))]
+            x = dict(zip(keys, x.values()))
             if set(x) != set(names):
                 raise ValueError(
                     f"The .tflite file's inputs are {names}. Received: inputs keyed {list(x)}"
