@@ -4,7 +4,8 @@
   (`Layer._flatten_layers`).
 - `get_stateless_scope()`: the enclosing `keras.StatelessScope`, or None.
 - `producing_layer(tensor)`: the layer that produced a symbolic tensor (`_keras_history`).
-- `nodes_by_depth(model)`, `outbound_layers(layer)`: the Functional graph.
+- `nodes_by_depth(model)`, `outbound_layers(layer)`, `connected_operations(tensors)`: the
+  Functional graph (`_inbound_nodes`, `_outbound_nodes`).
 - `copy_call_signature(wrapper, layer)`: Keras binds the wrapper's call arguments with the
   inner layer's signature (`Layer._call_signature`, `_call_has_training_arg`, ...), so
   keywords, several inputs, `training` and masks reach `call` as the inner layer takes them.
@@ -55,6 +56,22 @@ def nodes_by_depth(model):
 def outbound_layers(layer):
     """Layers consuming `layer`'s outputs, in graph order."""
     return [n.operation for n in getattr(layer, "_outbound_nodes", [])]
+
+
+def connected_operations(tensors):
+    """Operations linked to the symbolic `tensors` through the node graph, either way."""
+    stack = [producing_layer(t) for t in keras.tree.flatten(tensors)]
+    seen, out = set(), []
+    while stack:
+        op = stack.pop()
+        if op is None or id(op) in seen:
+            continue
+        seen.add(id(op))
+        out.append(op)
+        for node in [*getattr(op, "_inbound_nodes", []), *getattr(op, "_outbound_nodes", [])]:
+            stack.append(node.operation)
+            stack.extend(p.operation for p in node.parent_nodes)
+    return out
 
 
 def copy_call_signature(wrapper, layer):

@@ -68,7 +68,7 @@ def _scale_units(wrapper, values, um):
 def _gate_fold(wrapper):
     """The gate mean μ, checked to fold exactly into the layer's weights."""
     mu = wrapper.gate.mean()
-    if not wrapper.gate.pre and mu.min() < 0:
+    if not wrapper.gate_pre and mu.min() < 0:
         act = getattr(wrapper.layer, "activation", None)
         if act is not None and not gates_lib.commutes_with_scaling(lambda a: -act(-a)):
             raise ValueError(

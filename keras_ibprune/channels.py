@@ -4,7 +4,8 @@ With `granularity="channel"` every `PruneWrapper` holds a `unit_mask`. This modu
 per-unit scores into unit masks while respecting the graph:
 
 - channels of layers coupled through Add/Multiply/Concatenate/... (`channel_groups`) are
-  scored together (sum of the members' normalized scores) and removed together;
+  scored together (sum of the members' normalized scores; a VIB gate the members share
+  counts once) and removed together;
 - channels `shrink` can never remove (reaching a model output, consumed by an opaque
   layer) are never removed;
 - the schedule's sparsity means the fraction of **units** removed (`target="units"`), of
@@ -136,10 +137,14 @@ class ChannelPolicy:
         return keep
 
     def group_scores(self, group, per_layer, normalize=True):
-        normed = {}
+        normed, gates = {}, set()
         for name in group.members:
             s = np.asarray(per_layer[name], np.float64).reshape(-1)
             if not normalize:  # comparable across layers (VIB α); +inf = ungated, kept
+                gate = getattr(self.by_name[name], "gate", None)
+                if gate is not None and id(gate) in gates:
+                    continue  # a shared gate (residual Add): the unit's α counts once
+                gates.add(id(gate))
                 normed[name] = np.nan_to_num(s, nan=0.0, posinf=np.inf, neginf=0.0)
                 continue
             s = np.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)

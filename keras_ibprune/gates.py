@@ -25,6 +25,13 @@ The gate variables (``gate_mu``, ``gate_log_sigma2``, the scalar ``gate_gamma``)
 the noise seed are weights of the `PruneWrapper`, so `model.save` mid-training and
 `load_model` restore them without custom objects; γ is a variable, so `set_gate_gamma` takes
 effect at the next step without recompiling.
+
+Coupled units share one gate: producers whose outputs meet channel by channel (the
+branches of a residual `Add`) use the gate of the first of them (`gate_shared_with` in the
+others' config names it), so the KL term counts each coupled unit once and α is the unit's
+single SNR. Each member keeps its own noise seed, started in the owner's state; as every
+member draws once per forward pass, the seeds stay in step and the group draws the same ε.
+Sharing is re-established from the configs when Keras rebuilds the graph (`load_model`).
 """
 
 from __future__ import annotations
@@ -86,8 +93,9 @@ class VIBGate:
         mu: `(units,)` gate means μ (trainable, ≥ 0, initialized to 1).
         log_sigma2: `(units,)` log noise variances (trainable).
         gamma: scalar γ (non-trainable variable).
-        pre: True when the gate multiplies the pre-activation (activations that do not
-            commute with scaling), False when it multiplies the layer output.
+        pre: True when the gate multiplies the owner's pre-activation (activations that
+            do not commute with scaling), False when it multiplies the layer output. Each
+            wrapper sharing the gate places it for its own activation (`gate_pre`).
     """
 
     def __init__(self, wrapper, units, gamma, log_sigma2_init):
@@ -122,14 +130,18 @@ class VIBGate:
     def _log_sigma2(self):
         return ops.clip(self.log_sigma2, *_LOG_SIGMA2_RANGE)
 
-    def sample(self, x, training):
-        """The gate for output `x` (channels last): `μ + σ ε` in training, else `μ`."""
+    def sample(self, x, training, seed=None):
+        """The gate for output `x` (channels last): `μ + σ ε` in training, else `μ`.
+
+        `seed`: the calling wrapper's seed generator (default: the owner's). Wrappers
+        sharing this gate keep generators in the same state, so they draw the same ε.
+        """
         mu = ops.cast(self.mu, x.dtype)
         if not training:
             return mu
         rank = len(x.shape)
         shape = (ops.shape(x)[0],) + (1,) * (rank - 2) + (int(self.mu.shape[0]),)
-        eps = keras.random.normal(shape, seed=self.seed, dtype=x.dtype)
+        eps = keras.random.normal(shape, seed=seed or self.seed, dtype=x.dtype)
         sigma = ops.cast(ops.exp(0.5 * self._log_sigma2()), x.dtype)
         return mu + sigma * eps
 
@@ -149,6 +161,86 @@ class VIBGate:
     def mean(self):
         """μ (numpy): the deterministic gate, folded into the weights on export."""
         return ops.convert_to_numpy(self.mu.value)
+
+
+# ------------------------------------------------------------ coupled units: one gate
+def plan_sharing(model, gated):
+    """`{member layer name: owner layer name}`: coupled producers that share one gate.
+
+    Gated layers (names in `gated`) whose output channels meet channel by channel (a
+    residual `Add`: `channel_groups` maps every unit of each to the same group channel)
+    share the gate of the first of them in graph order. Groups with offsets or partial
+    maps (a Concatenate feeding an Add) keep a gate per layer.
+    """
+    from keras_ibprune.groups import channel_groups
+
+    out = {}
+    for group in channel_groups(model):
+        names = [n for n in group.members if n in gated]
+        same = [n for n in names if np.array_equal(group.members[n], np.arange(group.size))]
+        for name in same[1:]:
+            out[name] = same[0]
+    return out
+
+
+def link(member, owner):
+    """Makes `member` use `owner`'s gate (and start its noise seed where the owner's is)."""
+    if owner.gate is None or owner.gate.mu.shape != (member.unit_mask.shape[0],):
+        raise ValueError(
+            f"Layer {member.name!r} shares the VIB gate of {owner.name!r}, which has no gate "
+            f"over {member.unit_mask.shape[0]} units. Received: gate_shared_with="
+            f"{member.gate_shared_with!r}"
+        )
+    member.gate = owner.gate
+    member.gate_seed.state.assign(owner.gate_seed.state.value)
+
+
+def link_in_graph(wrapper, tensors):
+    """Links the shared gates `wrapper` takes part in, searching the graph around `tensors`.
+
+    Called on symbolic calls (Functional construction, `load_model`): a member finds its
+    owner, an owner its members already wired, by layer name.
+    """
+    wrappers = [
+        op
+        for op in _keras_compat.connected_operations(tensors)
+        if getattr(op, "gates", None) is not None and op is not wrapper
+    ]
+    if wrapper.gate_shared_with:
+        owners = [w for w in wrappers if w.name == wrapper.gate_shared_with and w.gate]
+        if owners:
+            link(wrapper, owners[0])
+    elif wrapper.gate is not None:
+        for w in wrappers:
+            if w.gate_shared_with == wrapper.name and w.gate is None and w.built:
+                link(w, wrapper)
+
+
+def link_model(model):
+    """Links every `gate_shared_with` wrapper of `model` to its owner, by name."""
+    from keras_ibprune.stats import find_wrappers
+
+    wrappers = find_wrappers(model)
+    by_name = {w.name: w for w in wrappers}
+    for w in wrappers:
+        if w.gate_shared_with and w.gate is None:
+            if w.gate_shared_with not in by_name:
+                raise ValueError(
+                    f"Layer {w.name!r} shares the VIB gate of a layer the model does not "
+                    f"have. Received: gate_shared_with={w.gate_shared_with!r}"
+                )
+            link(w, by_name[w.gate_shared_with])
+
+
+def unique(wrappers):
+    """`(wrapper, gate)` pairs, one per gate: members of a shared gate count once."""
+    seen, out = set(), []
+    for w in wrappers:
+        gate = getattr(w, "gate", None)
+        if gate is not None and id(gate) not in seen:
+            seen.add(id(gate))
+            out.append((w, gate))
+    return out
 
 
 # ------------------------------------------------------------------ model-level helpers
@@ -199,7 +291,9 @@ def set_gate_gamma(model, gamma, layers=None):
         for key in (w.name, w.layer.name):
             if key in values:
                 w.gate.gamma.assign(values[key])
-                w.gate_gamma = values[key]  # the config follows the variable
+                for v in wrappers:  # the configs follow the (possibly shared) variable
+                    if v.gate is w.gate:
+                        v.gate_gamma = values[key]
 
 
 def logs(wrappers, name_of=None):
@@ -212,6 +306,7 @@ def logs(wrappers, name_of=None):
     """
     out = {}
     kl = kl_loss = 0.0
+    owners = {id(w) for w, _ in unique(wrappers)}
     for w in wrappers:
         gate = getattr(w, "gate", None)
         if gate is None:
@@ -221,8 +316,9 @@ def logs(wrappers, name_of=None):
         keep = ops.convert_to_numpy(w.unit_mask.value) > 0.5
         live = a[keep] if keep.any() else a
         per = np.log1p(a) * keep
-        kl += float(per.sum())
-        kl_loss += float(per.sum()) * float(ops.convert_to_numpy(gate.gamma.value))
+        if id(w) in owners:  # a shared gate's bound counts once
+            kl += float(per.sum())
+            kl_loss += float(per.sum()) * float(ops.convert_to_numpy(gate.gamma.value))
         out[f"vib/alpha/{name}"] = float(np.mean(live))
         out[f"vib/log_alpha/{name}"] = float(np.mean(np.log(np.maximum(live, 1e-30))))
         out[f"vib/units/{name}"] = float(keep.sum())

@@ -178,13 +178,21 @@ def prune(
     outputs = {
         id(_keras_compat.producing_layer(t)) for t in getattr(to_prune, "outputs", None) or []
     }
+    # Coupled producers (residual Add branches) share the gate of the first of them.
+    gated = {la.name for la in all_layers if id(la) in plan and id(la) not in outputs}
+    shared = {} if gates is None else gates_lib.plan_sharing(to_prune, gated)
 
     def clone_fn(layer):
         copy = _copy_layer(layer)
         if id(layer) in plan:
             if gates is not None and id(layer) not in outputs:
+                owner = shared.get(layer.name)
                 return PruneWrapper(
-                    copy, granularity=granularity, gates=gates, gate_gamma=gamma_of(layer.name)
+                    copy,
+                    granularity=granularity,
+                    gates=gates,
+                    gate_gamma=gamma_of(layer.name),
+                    gate_shared_with=None if owner is None else f"prune_{owner}",
                 )
             return PruneWrapper(copy, granularity=granularity, block_size=block_size,
                                 pattern=pattern if supports_pattern(copy) else None)
@@ -204,6 +212,8 @@ def prune(
                 plain.set_weights(old.get_weights())
         else:
             (new.layer if isinstance(new, PruneWrapper) else new).set_weights(old.get_weights())
+    if shared:
+        gates_lib.link_model(new_model)
     return new_model
 
 

@@ -64,6 +64,9 @@ class PruneWrapper(keras.layers.Wrapper):
             a KL term in `add_loss`; None (default): no gate.
         gate_gamma: γ, the weight of this layer's KL term (default 1e-4).
         gate_log_sigma2: initial log noise variance of the gates (default -6).
+        gate_shared_with: name of the wrapper whose gate this one uses (coupled units,
+            e.g. the branches of a residual `Add`; set by `kib.prune`): no gate variables
+            of its own and no KL term (the owner counts the units once).
         fake_quant: compute with int8 fake-quantized masked weights and outputs, as TFLite's
             int8 export will (`keras_ibprune.quantize`; set by `kib.quantize_aware`).
         **kwargs: base layer keyword arguments (`name`, ...).
@@ -86,6 +89,7 @@ class PruneWrapper(keras.layers.Wrapper):
         gates=None,
         gate_gamma=None,
         gate_log_sigma2=None,
+        gate_shared_with=None,
         fake_quant=False,
         **kwargs,
     ):
@@ -126,7 +130,17 @@ class PruneWrapper(keras.layers.Wrapper):
         self.gate_log_sigma2 = float(
             gates_lib.DEFAULT_LOG_SIGMA2 if gate_log_sigma2 is None else gate_log_sigma2
         )
-        self.gate = None  # gates_lib.VIBGate once built (gates="vib")
+        if gate_shared_with is not None and (
+            self.gates is None or not isinstance(gate_shared_with, str)
+        ):
+            raise ValueError(
+                "`gate_shared_with` names the wrapper whose VIB gate to share: a layer name, "
+                f"with gates='vib'. Received: gate_shared_with={gate_shared_with!r}, "
+                f"gates={gates!r}"
+            )
+        self.gate_shared_with = gate_shared_with
+        self.gate_pre = False  # the gate scales the pre-activation (set at build)
+        self.gate = None  # gates_lib.VIBGate once built (gates="vib"), or the owner's
         self.fake_quant, self.quant_range = bool(fake_quant), None  # see keras_ibprune.quantize
         self.masks = []
         self.unit_mask = None
@@ -181,7 +195,13 @@ class PruneWrapper(keras.layers.Wrapper):
                 trainable=False,
                 dtype="float32",
             )
-            if self.gates == "vib":
+            # Each layer places the gate for its own activation (after it, or before it).
+            self.gate_pre = self.gates == "vib" and not gates_lib.commutes_with_scaling(
+                getattr(self.layer, "activation", None)
+            )
+            if self.gates == "vib" and self.gate_shared_with:  # the owner's gate: see link
+                self.gate_seed = keras.random.SeedGenerator(name="gate_seed")
+            elif self.gates == "vib":
                 self.gate = gates_lib.VIBGate(self, units, self.gate_gamma, self.gate_log_sigma2)
         if self.fake_quant:
             quantize.build_range(self)
@@ -204,6 +224,15 @@ class PruneWrapper(keras.layers.Wrapper):
         return registry.get_prunable_weights(self.layer)
 
     # ------------------------------------------------------------------- call
+    def __call__(self, *args, **kwargs):
+        outputs = super().__call__(*args, **kwargs)
+        if self.gates is not None and (self.gate_shared_with or self.gate is not None):
+            if any(_keras_compat.producing_layer(t) is self for t in keras.tree.flatten(outputs)):
+                # Wiring a graph (Functional construction, load_model): shared gates
+                # are re-linked from the configs' names.
+                gates_lib.link_in_graph(self, outputs)
+        return outputs
+
     def call(self, *args, **kwargs):
         # Keras binds the arguments with the inner layer's signature (see
         # `_keras_compat.copy_call_signature`): positional, keyword, several inputs, and
@@ -223,6 +252,13 @@ class PruneWrapper(keras.layers.Wrapper):
             outputs, preact = self._masked_call(args, kwargs, want_preact, probe)
         elif self.gate is not None:
             outputs, preact = self._gated_call(args, kwargs, probe)
+        elif self.gate_shared_with and not _keras_compat.in_symbolic_scope():
+            raise ValueError(
+                f"Layer {self.name!r} shares the VIB gate of {self.gate_shared_with!r} but is "
+                "not linked to it: call it inside its model or run "
+                "`keras_ibprune.gates.link_model(model)`. Received: gate_shared_with="
+                f"{self.gate_shared_with!r}"
+            )
         else:
             outputs, preact = self._inner_call(args, kwargs, capture is not None, probe)
         if self.unit_mask is not None:
@@ -262,17 +298,16 @@ class PruneWrapper(keras.layers.Wrapper):
         training = kwargs.get("training") if "training" in kwargs else None
         if training is None:
             training = _keras_compat.call_training(self)
-        if gate.pre:
+        if self.gate_pre:
             _, preact = self._inner_call(args, kwargs, True, probe)
-            preact = preact * gate.sample(preact, bool(training))
+            preact = preact * gate.sample(preact, bool(training), self.gate_seed)
             outputs = self.layer.activation(preact)
         else:
             outputs = self._inner_call(args, kwargs, False, probe)[0]
-            outputs = outputs * gate.sample(outputs, bool(training))
+            outputs = outputs * gate.sample(outputs, bool(training), self.gate_seed)
             preact = outputs
-        kl = gate.kl(self.unit_mask)
-        if not _keras_compat.in_symbolic_scope():
-            self.add_loss(kl)
+        if not self.gate_shared_with and not _keras_compat.in_symbolic_scope():
+            self.add_loss(gate.kl(self.unit_mask))  # shared units: counted by the owner
         return outputs, preact
 
     def _masked_call(self, args, kwargs, want_preact, probe=None):
@@ -342,6 +377,8 @@ class PruneWrapper(keras.layers.Wrapper):
                     "gate_log_sigma2": self.gate_log_sigma2,
                 }
             )
+            if self.gate_shared_with:
+                config["gate_shared_with"] = self.gate_shared_with
         return config
 
     @classmethod

@@ -33,6 +33,14 @@ def randomize_gates(model, seed=0):
         w.gate.log_sigma2.assign(rng.uniform(-6, 2, n).astype("float32"))
 
 
+def unique_gates(model):
+    out = []
+    for w in gated_wrappers(model):
+        if all(w.gate is not g for g in out):
+            out.append(w.gate)
+    return out
+
+
 def x_img(n=8, seed=0):
     return np.random.default_rng(seed).normal(size=(n, 8, 8, 3)).astype("float32")
 
@@ -57,9 +65,7 @@ def test_kl_term_is_in_model_losses():
     randomize_gates(model)
     model(x_img())
     losses = [float(v) for v in model.losses]
-    expected = [
-        0.5 * np.sum(np.log1p(w.gate.alpha())) for w in find_wrappers(model) if w.gate is not None
-    ]
+    expected = [0.5 * np.sum(np.log1p(g.alpha())) for g in unique_gates(model)]  # b, c: one
     np.testing.assert_allclose(sorted(losses), sorted(expected), rtol=1e-5)
     # Masked units leave the bound; γ is per layer and settable without a rebuild.
     w = model.get_layer("prune_fc")
@@ -137,18 +143,18 @@ def test_coupled_groups_are_scored_and_removed_together():
     randomize_gates(model, seed=1)
     groups = {g.layers: g for g in kib.channel_groups(model)}
     assert ("prune_b", "prune_c") in groups  # Add couples b and c
-    # One score per group channel: the members' α summed.
+    # One gate for b and c: one α per group channel, one decision for both layers.
     b, c = model.get_layer("prune_b").gate, model.get_layer("prune_c").gate
-    b.mu.assign(np.r_[np.full(4, 1e-3), np.ones(4)].astype("float32"))
-    c.mu.assign(np.r_[np.full(4, 1e-3), np.ones(4)].astype("float32"))
-    b.mu.assign(b.mu.numpy() * np.r_[1, 1, 1, 1, 1, 1, 1, 1e-3].astype("float32"))  # b alone
+    assert b is c
+    b.mu.assign(np.r_[np.full(4, 1e-3), np.ones(3), 1e-4].astype("float32"))
+    b.log_sigma2.assign(np.zeros(8, "float32"))
     pruner = kib.Pruner(model, kib.OneShot(0.25), score="vib", allocation="uniform")
     pruner.reset()
     pruner.update(1, force=True)
     kb = model.get_layer("prune_b").unit_mask.numpy()
     kc = model.get_layer("prune_c").unit_mask.numpy()
     np.testing.assert_array_equal(kb, kc)  # one decision for the coupled channels
-    np.testing.assert_array_equal(kb, [0, 0, 1, 1, 1, 1, 1, 1])  # c keeps channel 7 alive
+    np.testing.assert_array_equal(kb, [0, 1, 1, 1, 1, 1, 1, 0])  # the two lowest α
     # BatchNorm passes `a`'s gate through: one gate for conv a + bn_a, nothing on bn_a.
     assert model.get_layer("bn_a").weights and not hasattr(model.get_layer("bn_a"), "gate")
     x = x_img(8)
@@ -215,3 +221,170 @@ def test_bad_arguments():
         p.update(1, force=True)
     with pytest.raises(ValueError, match="no VIB gates"):
         kib.set_gate_gamma(plain, 1.0)
+
+
+# ------------------------------------------------------ residual Add: one gate per unit
+def residual_mlp():
+    """Two Dense branches (relu and linear) summed by a residual Add, then a head."""
+    inp = keras.Input((6,))
+    a = L.Dense(8, activation="relu", name="a")(inp)
+    b = L.Dense(8, activation="relu", name="b")(a)
+    c = L.Dense(8, name="c")(inp)
+    h = L.Add(name="add")([b, c])
+    return keras.Model(inp, L.Dense(3, name="out")(h))
+
+
+@pytest.mark.parametrize("build", [residual_mlp, coupled_cnn])
+def test_residual_add_members_share_one_gate(build):
+    model = kib.prune(build(), granularity="channel", gates="vib")
+    b, c = model.get_layer("prune_b"), model.get_layer("prune_c")
+    assert b.gate is c.gate and b.gate.mu is c.gate.mu
+    n_gated = 2 if build is residual_mlp else 4  # a, {b, c} (+ d, fc in the CNN)
+    for weights in (model.weights, model.trainable_weights):
+        paths = [v.path for v in weights]
+        assert len(paths) == len(set(paths))
+        assert sum("gate_mu" in p for p in paths) == n_gated
+    assert sum("gate_mu" in v.path for v in c.weights) == 0  # c references b's gate
+    assert c.get_config()["gate_shared_with"] == "prune_b"
+
+
+def test_shared_gate_kl_counted_once_per_unit():
+    model = kib.prune(residual_mlp(), granularity="channel", gates="vib", gamma=0.5)
+    randomize_gates(model)
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
+    model(x)
+    a, b = model.get_layer("prune_a").gate, model.get_layer("prune_b").gate
+    expected = [0.5 * np.sum(np.log1p(g.alpha())) for g in (a, b)]  # b's units once
+    assert unique_gates(model) == [a, b]
+    np.testing.assert_allclose(sorted(float(v) for v in model.losses), sorted(expected), rtol=1e-5)
+    logs = kib.gates.logs(find_wrappers(model))
+    np.testing.assert_allclose(logs["vib/kl"], sum(expected) / 0.5, rtol=1e-5)
+
+
+def test_shared_gate_alpha_counts_once_in_global_ranking():
+    model = kib.prune(residual_mlp(), granularity="channel", gates="vib")
+    a, b = model.get_layer("prune_a"), model.get_layer("prune_b")
+    b.gate.mu.assign(np.ones(8, "float32"))  # α = 1 on every b/c channel
+    b.gate.log_sigma2.assign(np.zeros(8, "float32"))
+    a.gate.mu.assign(np.r_[np.full(4, 1.5**0.5), np.full(4, 10.0)].astype("float32"))
+    a.gate.log_sigma2.assign(np.zeros(8, "float32"))  # α = 1.5 on four units of a
+    pruner = kib.Pruner(model, kib.OneShot(0.1), score="vib", allocation="global")
+    pruner.reset()
+    pruner.update(1, force=True)
+    # Two channels go: those of the b/c group (α 1 < 1.5), not a's (summed α would be 2).
+    np.testing.assert_array_equal(a.unit_mask.numpy(), np.ones(8))
+    assert b.unit_mask.numpy().sum() == 6
+
+
+def twin_branches():
+    """b and c both copy the input (identity kernels): their gated outputs are `x ⊙ z`."""
+    inp = keras.Input((8,))
+    eye = keras.initializers.Identity()
+    b = L.Dense(8, kernel_initializer=eye, name="b")(inp)
+    c = L.Dense(8, kernel_initializer=eye, name="c")(inp)
+    h = L.Add(name="add")([b, c])
+    return keras.Model(inp, L.Dense(3, name="out")(h))
+
+
+def test_shared_gate_draws_identical_noise_in_training():
+    model = kib.prune(twin_branches(), granularity="channel", gates="vib")
+    b, c = model.get_layer("prune_b"), model.get_layer("prune_c")
+    b.gate.log_sigma2.assign(np.zeros(8, "float32"))  # σ = 1: visible noise
+    probe = keras.Model(model.inputs, [b.output, c.output])  # the branches' gated outputs
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype("float32")
+    seen = []
+    for _ in range(2):  # every step a new ε, the same for b and c
+        ob, oc = (t.numpy() for t in probe(x, training=True))
+        assert np.abs(ob - x).max() > 1e-2  # noisy
+        np.testing.assert_array_equal(ob, oc)
+        seen.append(ob)
+    assert np.abs(seen[0] - seen[1]).max() > 1e-2
+    np.testing.assert_array_equal(b.gate_seed.state.numpy(), c.gate_seed.state.numpy())
+    ob, oc = (t.numpy() for t in probe(x, training=False))
+    np.testing.assert_allclose(ob, x, atol=1e-6)  # mean gates (μ = 1)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_shared_gate_survives_save_and_load(tmp_path):
+    model = kib.prune(twin_branches(), granularity="channel", gates="vib", gamma=0.25)
+    randomize_gates(model, seed=2)
+    x = np.random.default_rng(1).normal(size=(5, 8)).astype("float32")
+    path = tmp_path / "shared.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)  # no custom objects
+    b, c = loaded.get_layer("prune_b"), loaded.get_layer("prune_c")
+    assert b.gate is c.gate
+    assert len(loaded.weights) == len(model.weights)
+    assert sum("gate_mu" in v.path for v in loaded.weights) == 1
+    for v, u in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(u))
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    loaded(x)
+    np.testing.assert_allclose(
+        [float(v) for v in loaded.losses], [0.25 * np.sum(np.log1p(b.gate.alpha()))], rtol=1e-5
+    )
+    ob, oc = (t.numpy() for t in keras.Model(loaded.inputs, [b.output, c.output])(x, training=True))
+    np.testing.assert_array_equal(ob, oc)
+
+
+def test_shared_gate_shrink_and_strip():
+    model = kib.prune(coupled_cnn(), granularity="channel", gates="vib")
+    randomize_gates(model, seed=4)
+    b, c = model.get_layer("prune_b"), model.get_layer("prune_c")
+    assert b.gate is c.gate
+    kb0, kc0 = b.layer.kernel.numpy(), c.layer.kernel.numpy()
+    x = x_img(8)
+    stripped = kib.strip_pruning(model)
+    mu = b.gate.mean()
+    np.testing.assert_allclose(stripped.get_layer("b").kernel.numpy(), kb0 * mu, rtol=1e-6)
+    np.testing.assert_allclose(stripped.get_layer("c").kernel.numpy(), kc0 * mu, rtol=1e-6)
+    np.testing.assert_allclose(
+        stripped.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5
+    )
+    pruner = kib.Pruner(model, kib.OneShot(0.5), score="vib", allocation="uniform")
+    pruner.reset()
+    pruner.update(1, force=True)
+    kept = b.unit_mask.numpy() > 0
+    np.testing.assert_array_equal(kept, c.unit_mask.numpy() > 0)
+    alpha = b.gate.alpha()  # the unit's single SNR decides
+    assert (~kept).sum() == 4 and alpha[~kept].max() <= alpha[kept].min()
+    np.testing.assert_allclose(
+        kib.shrink(model).predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("owner_first", [True, False])
+def test_shared_gate_links_when_wired_in_either_order(owner_first):
+    inp = keras.Input((8,))
+    b = kib.PruneWrapper(L.Dense(8, name="b"), granularity="channel", gates="vib")
+    c = kib.PruneWrapper(
+        L.Dense(8, name="c"), granularity="channel", gates="vib", gate_shared_with="prune_b"
+    )
+    first, second = (b, c) if owner_first else (c, b)
+    h1, h2 = first(inp), second(inp)
+    model = keras.Model(inp, L.Dense(2)(L.Add()([h1, h2])))
+    assert c.gate is b.gate
+    assert sum("gate_mu" in v.path for v in model.weights) == 1
+    with pytest.raises(ValueError, match="gate_shared_with"):
+        kib.PruneWrapper(L.Dense(8), granularity="channel", gate_shared_with="prune_b")
+    lone = kib.PruneWrapper(L.Dense(8), granularity="channel", gates="vib", gate_shared_with="x")
+    with pytest.raises(ValueError, match="not linked"):
+        lone(np.ones((2, 8), "float32"))
+
+
+def test_shared_gate_placement_follows_each_layer_activation():
+    inp = keras.Input((6,))
+    b = L.Dense(8, activation="relu", name="b")(inp)  # the owner: gate after the ReLU
+    c = L.Dense(8, activation="tanh", name="c")(inp)  # a member: gate before its tanh
+    model = kib.prune(
+        keras.Model(inp, L.Dense(3, name="out")(L.Add()([b, c]))),
+        granularity="channel",
+        gates="vib",
+    )
+    randomize_gates(model, seed=5)
+    pb, pc = model.get_layer("prune_b"), model.get_layer("prune_c")
+    assert pb.gate is pc.gate and not pb.gate_pre and pc.gate_pre
+    x = np.random.default_rng(0).normal(size=(6, 6)).astype("float32")
+    np.testing.assert_allclose(
+        kib.strip_pruning(model).predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5
+    )
