@@ -144,6 +144,7 @@ class Pruner:
         self.wrappers = []
         self.optimizer = None  # custom loops: set it, so pruned weights' state is zeroed too
         self.last_target = 0.0
+        self._applied = None
         self.last_update_seconds = 0.0
         self._channels = None
         self._pass = None
@@ -240,6 +241,7 @@ class Pruner:
                     stacklevel=3)
         self.score.reset()
         self.last_target = self.current_sparsity()
+        self._applied = None  # (target, sparsity) of the last update: see `update`
 
     def _output_wrappers(self):
         """Ids of wrappers whose outputs are model outputs (last wrapper as fallback)."""
@@ -262,10 +264,14 @@ class Pruner:
         target = float(self.schedule(t))
         if target <= 0.0 and not force and self.current_sparsity() == 0.0:
             return False  # nothing to remove yet (e.g. t = begin with initial sparsity 0)
+        if not force and self._unchanged(target):
+            return False
         start = time.perf_counter()
         with stats_lib.blas_threads(1):  # small matrices: one BLAS thread beside TF's pool
             self._apply(target)
         self.last_target = target
+        if not self.regrow and self.granularity == "weight":
+            self._applied = (target, self.current_sparsity())
         self.last_update_seconds = time.perf_counter() - start
         if self.verbose:
             print(
@@ -274,6 +280,15 @@ class Pruner:
                 f"allocation={self.allocation}) in {self.last_update_seconds:.2f}s"
             )
         return True
+
+    def _unchanged(self, target):
+        """True when an update could not change the masks: the same target as the last one,
+        no regrowth (pruned weights stay pruned, so the same count keeps the same set) and
+        the masks as that update left them. Skipping it saves the statistics pass and the
+        mask writes at every epoch of a constant sparsity."""
+        applied = getattr(self, "_applied", None)
+        return (applied is not None and not self.regrow and self.granularity == "weight"
+                and applied[0] == target and self.current_sparsity() == applied[1])
 
     def collect(self):
         """One `stats.LayerStats` per wrapper, with what the score needs."""

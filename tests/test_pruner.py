@@ -134,3 +134,23 @@ def test_pattern_beyond_its_cap_warns():
     pruner = kib.Pruner(model, kib.ConstantSparsity(0.9), score="magnitude")
     with pytest.warns(UserWarning, match="pattern 1:4 removes at most 75%"):
         pruner.reset()
+
+
+def test_update_at_an_unchanged_target_is_skipped_and_masks_kept():
+    model = kib.prune(_mlp())
+    pruner = kib.Pruner(model, kib.ConstantSparsity(0.5), score="magnitude")
+    pruner.reset()
+    assert pruner.update(0)  # the first update prunes
+    before = [m.numpy().copy() for w in pruner.wrappers for m in w.masks]
+    for w in pruner.wrappers:  # the kept weights move, as in training
+        w.prunable_weights[0].assign(w.prunable_weights[0] * 3.0 + 0.1)
+    assert not pruner.update(1)  # same target, no regrowth: nothing can change, skipped
+    after = [m.numpy() for w in pruner.wrappers for m in w.masks]
+    assert all(np.array_equal(b, a) for b, a in zip(before, after))
+    assert pruner.update(1, force=True)  # forced updates still run
+    w = pruner.wrappers[0]
+    w.masks[0].assign(np.ones(w.masks[0].shape, "float32"))  # masks changed by hand
+    assert pruner.update(2) and pruner.current_sparsity() == pytest.approx(0.5, abs=1e-3)
+    regrow = kib.Pruner(model, kib.ConstantSparsity(0.5), score="magnitude", regrow=True)
+    regrow.reset()
+    assert regrow.update(0) and regrow.update(1)  # regrowth may swap weights: never skipped
