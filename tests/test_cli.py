@@ -183,6 +183,7 @@ def test_missing_model_and_bad_output_name(files, tmp_path, capsys):
     assert rc == 2 and "must end with '.keras'" in err
 
 
+@pytest.mark.slow
 def test_prune_legacy_tf_keras_files(files, tmp_path, capsys):
     tf_keras = pytest.importorskip("tf_keras")
     tf_keras.utils.set_random_seed(0)

@@ -290,6 +290,7 @@ def test_unsupported_op_is_named(tmp_path):
     assert _only_file(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_report_is_serializable_and_printable(pruned, data, tmp_path):
     report = export_tflite(pruned, tmp_path / "r.tflite", verify_data=data[0][:16],
                            latency_runs=3)
@@ -378,6 +379,7 @@ def test_two_inputs_int8_export_keeps_int32_ids(tmp_path):
                       **FAST)
 
 
+@pytest.mark.slow
 def test_two_inputs_bad_verify_data_is_named(tmp_path):
     model, x = _two_input_model(), _two_inputs()
     with pytest.raises(ValueError, match=r"verify_data must be keyed by the model's input "

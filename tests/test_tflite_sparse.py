@@ -61,6 +61,7 @@ def test_decode_of_a_valid_block_encoding_gives_the_dense_values():
     assert _tflite_sparse.repair(sparse, dense) == (sparse, [])  # nothing to repair
 
 
+@pytest.mark.slow
 def test_decode_rejects_the_converters_int8_block_encoding_of_8_inputs():
     model, x = _mlp(8, 0.5)
     dense, sparse = _int8_files(model, x)
@@ -74,7 +75,7 @@ def test_decode_rejects_the_converters_int8_block_encoding_of_8_inputs():
     np.testing.assert_array_equal(values, _tensor(dense, 8)[1])
 
 
-@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+@pytest.mark.parametrize("sparsity", [0.5, pytest.param(0.8, marks=pytest.mark.slow)])
 def test_int8_sparse_export_of_a_dense_layer_with_few_inputs_verifies(sparsity, tmp_path):
     # Before the repair: top-1 agreement 0.19 (0.5) / 0.05 (0.8), ExportVerificationError.
     model, x = _mlp(8, sparsity)
