@@ -124,6 +124,21 @@ def small_cnn(input_shape=(8, 8, 1), classes=10):
     return keras.Model(inp, out, name="small_cnn")
 
 
+def tiny_conv_fc():
+    """Conv 6x6x1 -> Dense 12 -> 3 outputs, wrapped: the held-out streaming/sharding model."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 1))
+    h = L.Conv2D(6, 3, activation="relu", name="conv")(inp)
+    h = L.Dense(12, activation="relu", name="fc")(L.Flatten()(h))
+    return kib.prune(keras.Model(inp, L.Dense(3, name="out")(h)))
+
+
+def tiny_xy(n=90, seed=0):
+    """Held-out data for `tiny_conv_fc`: normal images, labels cycling over 3 classes."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 6, 6, 1)).astype("float32"), np.arange(n) % 3
+
+
 def _sequential():
     return keras.Sequential(
         [

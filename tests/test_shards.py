@@ -1,27 +1,13 @@
 """Dataset functions `held_out(input_context)`: sharded reading, lockstep, errors."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _cases import tiny_conv_fc as _model
+from _cases import tiny_xy as _xy
 
 import keras_ibprune as kib
 from keras_ibprune.shards import is_dataset_fn
-
-L = keras.layers
-
-
-def _model():
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((6, 6, 1))
-    h = L.Conv2D(6, 3, activation="relu", name="conv")(inp)
-    h = L.Dense(12, activation="relu", name="fc")(L.Flatten()(h))
-    return kib.prune(keras.Model(inp, L.Dense(3, name="out")(h)))
-
-
-def _xy(n=90, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 6, 6, 1)).astype("float32"), np.arange(n) % 3
 
 
 def _summaries(pruner):

@@ -1,27 +1,13 @@
 """Held-out data streamed in globally indexed batches (`held_out_size=None`)."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _cases import tiny_conv_fc as _model
+from _cases import tiny_xy as _xy
 
 import keras_ibprune as kib
 from keras_ibprune.stream import HeldOutStream
-
-L = keras.layers
-
-
-def _model():
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((6, 6, 1))
-    h = L.Conv2D(6, 3, activation="relu", name="conv")(inp)
-    h = L.Dense(12, activation="relu", name="fc")(L.Flatten()(h))
-    return kib.prune(keras.Model(inp, L.Dense(3, name="out")(h)))
-
-
-def _xy(n=90, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 6, 6, 1)).astype("float32"), np.arange(n) % 3
 
 
 def test_batches_are_recut_with_global_indices_and_read_lazily():
