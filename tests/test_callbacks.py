@@ -96,6 +96,7 @@ def test_update_every_steps():
     assert kib.sparsity(model) == pytest.approx(0.6, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_resume_from_saved_model_gives_same_masks(tmp_path):
     x, y = data(96)
     sched = kib.PolynomialDecay(0.0, 0.8, 0, 4)

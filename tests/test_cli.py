@@ -96,6 +96,7 @@ def test_prune_one_shot_writes_a_sparse_plain_model(files, tmp_path, capsys):
     assert "[4/4] wrote" in out
 
 
+@pytest.mark.slow
 def test_prune_with_fine_tuning(files, tmp_path, capsys):
     out_path = tmp_path / "ft.keras"
     rc, out, err = run(capsys, "prune", files / "model.keras", "--data", files / "held_out.npz",

@@ -362,6 +362,7 @@ def test_two_inputs_two_outputs_float_export_verifies_every_output(tmp_path):
         evaluate(model, x, y)
 
 
+@pytest.mark.slow
 def test_two_inputs_int8_export_keeps_int32_ids(tmp_path):
     model, x = _two_input_model(outputs="single"), _two_inputs(128)
     # sparse=True: the converter's broken int8 1x16 encoding of the 4-input `num_fc` kernel

@@ -4,6 +4,7 @@ import re
 
 import keras
 import numpy as np
+import pytest
 
 from keras_ibprune import oplist
 from keras_ibprune.export import export_tflite
@@ -35,6 +36,7 @@ def _prune(model):
     dense.kernel.assign(k * np.repeat(keep, 4, axis=0))
 
 
+@pytest.mark.slow
 def test_report_lists_layer_names_and_how_each_op_runs(tmp_path):
     model = _model()
     _prune(model)

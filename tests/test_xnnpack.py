@@ -123,6 +123,7 @@ def test_keras_applications_mobilenet_v2_odd_size_passes_even_size_fails():
         check_xnnpack_sparse(build(32))
 
 
+@pytest.mark.slow
 def test_sparse_export_densifies_the_1x1_kernels_and_meets_the_layout():
     model = _mobile()
     _zero_1x1(model)
