@@ -124,6 +124,22 @@ def small_cnn(input_shape=(8, 8, 1), classes=10):
     return keras.Model(inp, out, name="small_cnn")
 
 
+# The start of the subprocess scripts that run a statistics pass under a MirroredStrategy
+# over two logical CPUs (argv[1]: the tests folder): small_cnn, data x/y, `strategy`.
+MIRRORED_SETUP = """
+import sys, numpy as np, tensorflow as tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, keras_ibprune as kib
+sys.path.insert(0, sys.argv[1])
+from _cases import small_cnn
+rng = np.random.default_rng(1)
+x = rng.standard_normal((300, 8, 8, 1)).astype("float32")
+y = rng.integers(0, 10, 300)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+"""
+
+
 def tiny_conv_fc():
     """Conv 6x6x1 -> Dense 12 -> 3 outputs, wrapped: the held-out streaming/sharding model."""
     keras.utils.set_random_seed(0)

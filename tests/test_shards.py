@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from _cases import MIRRORED_SETUP
 from _cases import tiny_conv_fc as _model
 from _cases import tiny_xy as _xy
 
@@ -73,17 +74,7 @@ def test_a_wrong_dataset_function_is_a_clear_error():
         infinite.reset()
 
 
-_MIRRORED_FN = """
-import sys, numpy as np, tensorflow as tf
-tf.config.set_logical_device_configuration(
-    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras, keras_ibprune as kib
-sys.path.insert(0, sys.argv[1])
-from _cases import small_cnn
-rng = np.random.default_rng(1)
-x = rng.standard_normal((300, 8, 8, 1)).astype("float32")
-y = rng.integers(0, 10, 300)
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+_MIRRORED_FN = MIRRORED_SETUP + """
 contexts = []
 
 def held_out(ctx):

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _cases import MIRRORED_SETUP
 
 import keras_ibprune as kib
 from keras_ibprune import stats as S
@@ -310,18 +311,8 @@ def test_bad_strategy_is_an_error():
         S.StatisticsPass(model, S.find_wrappers(model), ("gram",), strategy="mirrored")
 
 
-_MIRRORED = """
-import sys, numpy as np, tensorflow as tf
-tf.config.set_logical_device_configuration(
-    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras, keras_ibprune as kib
+_MIRRORED = MIRRORED_SETUP + """
 from keras_ibprune import stats as S
-sys.path.insert(0, sys.argv[1])
-from _cases import small_cnn
-rng = np.random.default_rng(1)
-x = rng.standard_normal((300, 8, 8, 1)).astype("float32")
-y = rng.integers(0, 10, 300)
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 assert strategy.num_replicas_in_sync == 2
 keras.utils.set_random_seed(0)
 with strategy.scope():
