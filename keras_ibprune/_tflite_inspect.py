@@ -243,6 +243,14 @@ def count(items):
     return counts
 
 
+def _tensor_label(tensor):
+    """The tensor table's last column: the Keras layer names `oplist.name_tensors` found,
+    else (constants the converter made) the last component of the tensor name, never cut."""
+    if tensor.get("layers"):
+        return ", ".join(tensor["layers"])
+    return re.split(r"[;/]", tensor["name"].rstrip(";/"))[-1] or tensor["name"]
+
+
 def format_report(report):
     """The human-readable table behind `str(ExportReport)`."""
     def fmt(v, spec=""):
@@ -281,15 +289,15 @@ def format_report(report):
     width = max(len(r[0]) for r in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines.append("")
-    lines.append(f"{'tensor':<44} {'shape':<16} {'dtype':<8} {'storage':<18} "
-                 f"{'sparsity':>8} {'bytes':>9}  executed")
+    lines.append(f"{'shape':<16} {'dtype':<8} {'storage':<18} {'sparsity':>8} "
+                 f"{'bytes':>9}  {'executed':<8} layers")
     for t in report.tensors:
         executed = "sparse" if t["executed_sparse"] else (
             "DENSIFY" if "DENSIFY" in t["consumers"] else "dense")
         lines.append(
-            f"{t['name'][-44:]:<44} {'x'.join(map(str, t['shape'])):<16} {t['dtype']:<8} "
+            f"{'x'.join(map(str, t['shape'])):<16} {t['dtype']:<8} "
             f"{t['storage']:<18} {fmt(t['sparsity'], '.3f'):>8} "
-            f"{t['value_bytes'] + t['index_bytes']:>9,}  {executed}")
+            f"{t['value_bytes'] + t['index_bytes']:>9,}  {executed:<8} {_tensor_label(t)}")
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
 

@@ -53,7 +53,8 @@ class ExportReport:
     Sizes are in bytes. `dense_bytes` / `dense_gzip_bytes` are the same model and
     quantization exported without sparse encoding (raw / gzip -9); `dense_float_bytes` the
     plain float32 export; `sparse` says which encoding the file uses. `tensors` lists the
-    weights as stored in the flatbuffer (see `keras_ibprune._tflite_inspect.inspect_tflite`).
+    weights as stored in the flatbuffer (see `keras_ibprune._tflite_inspect.inspect_tflite`),
+    each with `layers`, the Keras layers its converter name mentions.
     `latency_ms` is the median single-thread latency per inference (batch 1) in the
     interpreter, `latency_ms_threads` the same with 1 and 4 threads; `op_table` lists every
     op with its Keras layer names and how it runs (`keras_ibprune.oplist`).
@@ -327,7 +328,9 @@ def export_tflite(model, filepath, sparse=True, quantize=None, representative_da
             report.latency_ms = runner.latency_ms(sample, latency_runs)
             report.latency_ms_threads = oplist.thread_latencies(tmp, sample, latency_runs,
                                                                 report.latency_ms)
-        report.op_table, op_notes = oplist.op_table(tflite, oplist.layer_kinds(model))
+        kinds = oplist.layer_kinds(model)
+        report.op_table, op_notes = oplist.op_table(tflite, kinds)
+        oplist.name_tensors(report.tensors, kinds)
         notes.extend(op_notes)
         report.interpreter = runner.name
         report.notes.extend(runner.notes)

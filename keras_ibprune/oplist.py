@@ -158,6 +158,16 @@ def op_table(tflite_bytes, layer_names=None):
     return rows, notes
 
 
+def name_tensors(tensors, layer_names):
+    """Adds `layers` (Keras layer names, as in `op_table`) to each tensor dict, in place."""
+    layers = dict(layer_names)
+    order = list(layers)
+    for t in tensors:
+        op = next((c for c in t.get("consumers", []) if c != "DENSIFY"), "")
+        t["layers"] = sorted(_layer_names(t["name"], layers, op), key=order.index)
+    return tensors
+
+
 def format_ops(rows, width=100):
     """The op table as text lines (layer lists wrapped at commas, never cut mid-word)."""
     lines = [

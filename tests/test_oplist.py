@@ -104,3 +104,48 @@ def test_format_ops_wraps_long_layer_lists_at_commas():
     assert len(body) > 1 and all(len(line) <= 80 for line in body)
     words = " ".join(body).replace(",", " ").split()
     assert [w for w in words if w.startswith("block_")] == rows[0]["layers"]
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_report_names_whole_keras_layers_only(tmp_path):
+    """Issue 12's readability bar: the rendered report of a MobileNetV2 export lists Keras
+    layer names, whole (the old tensor column cut converter names from the left)."""
+    from keras_ibprune.xnnpack import check_xnnpack_sparse
+
+    model = keras.applications.MobileNetV2(
+        input_shape=(33, 33, 3), alpha=0.35, weights=None, classes=4
+    )
+    rng = np.random.default_rng(0)
+    for layer in check_xnnpack_sparse(model):
+        k = np.asarray(layer.kernel)
+        layer.kernel.assign(k * (rng.random(k.shape) >= 0.9))
+    x = rng.normal(size=(4, 33, 33, 3)).astype("float32")
+    report = export_tflite(
+        model, str(tmp_path / "m.tflite"), sparse=True, verify_data=x, compare_dense=False,
+        latency_runs=0,
+    )
+    names = {la.name for la in model.layers}
+    weights = [t for t in report.tensors if t["dtype"] == "float32"]
+    kernels = [la for la in model.layers if hasattr(la, "kernel")]
+    assert len(weights) == len(kernels) == 53
+    assert all(t["layers"] and set(t["layers"]) <= names for t in weights)
+    assert all(set(r["layers"]) <= names for r in report.op_table)
+    assert "block_16_project" in next(t for t in weights if t["shape"] == [112, 1, 1, 336])[
+        "layers"
+    ]
+    # Converter-made tensors (padding amounts) are labelled by a whole name component.
+    constants = {re.split(r"[;/]", t["name"])[-1] for t in report.tensors if not t["layers"]}
+    assert constants <= {"explicit_padding"}
+    text = str(report)
+    tables = text[text.index("\nshape ") :].splitlines()
+    checked = 0
+    for line in tables:
+        if line.startswith(("note:", "median latency", "per op", "  #  op", "     (on ARM")):
+            continue  # prose and headers
+        assert "/" not in line and ";" not in line, line  # no converter tensor paths
+        for word in re.findall(r"\w+", line):
+            if "_" in word and not word.isupper():  # every multi-part name (not an op
+                # code like CONV_2D) printed is a whole layer name
+                assert word in names | constants, (word, line)
+                checked += 1
+    assert checked > 150
