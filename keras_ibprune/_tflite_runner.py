@@ -7,6 +7,7 @@ graphs: "failed to delegate CONV_2D"). `export_tflite` verifies and times its fi
 it; `metrics.evaluate` scores them.
 """
 
+import re
 import time
 
 import numpy as np
@@ -17,6 +18,16 @@ from keras_ibprune import signature
 def _quantized(detail):
     scale, _ = detail.get("quantization", (0.0, 0))
     return bool(scale) and detail["dtype"] in (np.int8, np.uint8, np.int16)
+
+
+def _refusal_note(message):
+    """The report's note for a file the XNNPACK delegate refused, in plain words: LiteRT's
+    message glues its lines ("...node #7Node number 12 (TfLiteXNNPackDelegate) ...")."""
+    found = re.search(r"failed to delegate (\w+) node #(\d+)", message)
+    what = (f"it could not take op #{found.group(2)} ({found.group(1)})" if found
+            else " ".join(message.split())[:120])
+    return ("the default XNNPACK delegate refused this file: " + what + "; the whole file "
+            "runs on LiteRT's builtin kernels, which are slower")
 
 
 class Runner:
@@ -72,11 +83,7 @@ class Runner:
         except RuntimeError as err:
             if self.notes:  # already on the builtin kernels
                 raise
-            self.notes.append(
-                "the default XNNPACK delegate refused this file "
-                f"({str(err).strip()[:70]}...); it runs with the builtin "
-                "kernels (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)"
-            )
+            self.notes.append(_refusal_note(str(err)))
             fallback = self._resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES
             self._open(
                 self._lite.Interpreter(**self._kwargs, experimental_op_resolver_type=fallback)

@@ -92,3 +92,41 @@ def test_int8_sparse_export_of_a_dense_layer_with_few_inputs_verifies(sparsity, 
     assert any("stored dense: the converter's sparse encoding was wrong" in n for n in report.notes)
     weight = [t for t in report.tensors if t["shape"] == [32, 8]]
     assert [t["storage"] for t in weight] == ["dense"]
+
+
+@pytest.mark.slow  # ~3 s on 2 cores (two int8 conversions): run by .ci/run's slow pass
+def test_int8_dense_layer_read_through_densify_is_stored_dense_so_xnnpack_runs_it(tmp_path):
+    """A quantized FULLY_CONNECTED fed by DENSIFY made XNNPACK refuse the whole file
+    (every op on the builtin kernels: 4-5x slower on MobileNetV2); now stored dense."""
+    from keras_ibprune import _tflite_runner
+
+    rng = np.random.default_rng(0)
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(16, 3, activation="relu", name="conv")(inp)
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    h = keras.layers.Dense(64, activation="relu", name="fc1")(h)
+    model = keras.Model(inp, keras.layers.Dense(10, name="logits")(h))
+    for name in ("conv", "fc1", "logits"):
+        layer = model.get_layer(name)
+        k = np.asarray(layer.kernel)
+        layer.kernel.assign(k * (rng.random(k.shape) >= 0.5))  # unstructured: CSR
+    x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    report = export_tflite(model, tmp_path / "q.tflite", quantize="int8", sparse=True,
+                           representative_data=x, verify_data=x, **FAST)
+    fcs = [r for r in report.op_table if r["op"] == "FULLY_CONNECTED"]
+    assert len(fcs) == 2 and all(r["weights"] == "dense" and r["delegated"] for r in fcs)
+    assert "DENSIFY" not in report.ops or all(
+        r["op"] != "FULLY_CONNECTED" for r in report.op_table if r["weights"] != "dense")
+    assert sum("XNNPACK cannot delegate an int8 FULLY_CONNECTED" in n for n in report.notes) == 2
+    assert _tflite_runner.Runner(str(tmp_path / "q.tflite")).notes == []  # delegated
+    assert report.top1_agreement >= 0.95
+
+
+def test_delegate_refusal_note_is_plain_words():
+    from keras_ibprune._tflite_runner import _refusal_note
+
+    glued = ("failed to delegate FULLY_CONNECTED node #74Node number 77 "
+             "(TfLiteXNNPackDelegate) failed to prepare.")
+    note = _refusal_note(glued)
+    assert "op #74 (FULLY_CONNECTED)" in note and "Node number" not in note
+    assert "builtin kernels" in note
