@@ -147,6 +147,29 @@ def global_erk_floor(scores, sparsity, min_density=0.0, erk_floor=0.5):
     return thresholds_with_floors(scores, sparsity, floors)
 
 
+def starved(shapes, sparsities, target, ratio=0.25):
+    """Indices of tensors the allocation starved: fewer kept weights than output units, at
+    a density under `ratio` times the model's (`1 - target`).
+
+    Fewer than one kept input per unit on average is the signature of layer collapse, the
+    failure of one global threshold on deep networks (Tanaka et al., 2020, *Pruning neural
+    networks without any data by iteratively conserving synaptic flow*): a layer that every
+    path to the output crosses is then close to disconnected. The density condition leaves
+    out layers with a small fan-in that any allocation near `target` thins that far (a
+    uniform one included). Units are a kernel's last axis (its channels for a depthwise
+    kernel, whose last axis is the multiplier 1).
+    """
+    out = []
+    for i, (shape, s) in enumerate(zip(shapes, sparsities)):
+        if len(shape) < 2:
+            continue
+        units = shape[-1] if shape[-1] > 1 else shape[-2]
+        density = 1.0 - s
+        if density * int(np.prod(shape)) < units and density < ratio * (1.0 - target):
+            out.append(i)
+    return out
+
+
 register_allocation("uniform", uniform)
 register_allocation("erk", erk)
 register_allocation("global", global_threshold)

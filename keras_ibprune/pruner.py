@@ -148,6 +148,7 @@ class Pruner:
         self.last_update_seconds = 0.0
         self._channels = None
         self._pass = None
+        self._starved_warned = False
 
     # ----------------------------------------------------------------- config
     def get_config(self):
@@ -177,6 +178,7 @@ class Pruner:
         if self.schedule is None or isinstance(self.schedule, schedules_lib._TfmotSchedule):
             self.schedule = schedules_lib.get(self._schedule_arg, self.steps_per_epoch)
         self.wrappers = stats_lib.find_wrappers(self.model)
+        self._starved_warned = False
         if not self.wrappers:
             raise ValueError(
                 f"Model '{self.model.name}' contains no PruneWrapper: call `kib.prune(model)` "
@@ -368,6 +370,8 @@ class Pruner:
             for i, a in zip(live, self._allocate([ranked[i] for i in live], target,
                                                  min_density=self.min_density)):
                 alloc[i] = a
+            self._warn_starved([tensors[i].shape for i in live], [alloc[i] for i in live],
+                               [owners[i].layer.name for i in live], target)
         new = [masks_lib.topk_mask(s, a, None if self.regrow else p, not self.regrow, b,
                                    keep=kp, pattern=pt)
                for s, a, p, b, kp, pt in zip(tensors, alloc, prev, blocks, keeps, patterns)]
@@ -379,6 +383,19 @@ class Pruner:
             changed = any(np.any(m != p) for m, p in zip(layer_masks, st.masks))
             weights = self.score.reconstruct(st, layer_masks) if changed else None
             masks_lib.apply_masks(w, layer_masks, weights=weights, optimizer=self._optimizer())
+
+    def _warn_starved(self, shapes, sparsities, names, target):
+        weak = sorted({names[i] for i in allocation_lib.starved(shapes, sparsities, target)})
+        if weak and not self._starved_warned:
+            self._starved_warned = True
+            warnings.warn(
+                f"Pruner: at sparsity {target:.3g} the {self.allocation!r} allocation leaves "
+                f"{len(weak)} layer(s) with fewer kept weights than output units: "
+                f"{', '.join(weak[:8])}{', ...' if len(weak) > 8 else ''}. A layer that every "
+                "path to the output crosses is then nearly disconnected (the usual cause of "
+                "a pruned model at chance accuracy). Give every layer a floor: "
+                "allocation='global_erk_floor' (or 'erk', 'uniform'), or min_density.",
+                stacklevel=4)
 
     def _is_excluded(self, w):
         return w.layer.name in self.exclude or w.name in self.exclude

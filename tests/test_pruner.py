@@ -1,6 +1,7 @@
 """The pruning engine: masks it writes, what it protects, the optimizer state it clears."""
 
 import glob
+import warnings
 
 import keras
 import numpy as np
@@ -154,3 +155,40 @@ def test_update_at_an_unchanged_target_is_skipped_and_masks_kept():
     regrow = kib.Pruner(model, kib.ConstantSparsity(0.5), score="magnitude", regrow=True)
     regrow.reset()
     assert regrow.update(0) and regrow.update(1)  # regrowth may swap weights: never skipped
+
+
+class _StarveHidden(kib.Score):
+    """|w|, scaled down a million-fold for the hidden layer: a global threshold empties it."""
+
+    def __call__(self, stats):
+        scale = 1e-6 if stats.wrapper.layer.name == "fc" else 1.0
+        return [scale * np.abs(w) for w in stats.weights]
+
+
+@pytest.mark.parametrize("allocation, warns", [("global", True), ("global_erk_floor", False)])
+def test_a_layer_left_with_less_than_a_weight_per_unit_is_named(allocation, warns):
+    model = kib.prune(_mlp(hidden=32))
+    pruner = kib.Pruner(model, kib.ConstantSparsity(0.9), score=_StarveHidden(),
+                        allocation=allocation)
+    pruner.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner.update(0)
+        pruner.update(1, force=True)  # said once per training run
+    said = [w for w in caught if "fewer kept weights than output units" in str(w.message)]
+    assert len(said) == int(warns)
+    fc = next(w for w in pruner.wrappers if w.layer.name == "fc").masks[0].numpy()
+    # the warning tells the truth: under a quarter of the model's density, < 1 per unit
+    assert (fc.mean() < 0.25 * 0.1 and fc.sum() < 32) == warns
+    if warns:
+        assert "fc" in str(said[0].message) and "logits" not in str(said[0].message)
+
+
+def test_starved_counts_depthwise_channels_as_units():
+    from keras_ibprune.allocation import starved
+
+    # (3, 3, 16, 1) depthwise kernel: 16 channels; 144 weights at 0.99 keep 1.4 < 16.
+    assert starved([(3, 3, 16, 1), (16, 8), (5,)], [0.99, 0.9, 0.999], target=0.9) == [0]
+    assert starved([(3, 3, 16, 1)], [0.95], target=0.9) == []  # 7.2 < 16, but not starved
+    # against the model: a uniform allocation thins a small fan-in as much
+    assert starved([(3, 3, 16, 1)], [0.99], target=0.98) == []
