@@ -205,7 +205,9 @@ def _undelegable(model_t, types):
             src = sub.tensors[int(op.inputs[0])]
             if src.sparsity is not None and types.get(src.type) == "INT8":
                 out.append((src, "XNNPACK cannot delegate an int8 FULLY_CONNECTED whose "
-                                 "weights are DENSIFY'd; it would refuse the whole file"))
+                                 "weights are DENSIFY'd and would refuse the whole file "
+                                 "(prune Dense layers in (16, 1) blocks to keep them "
+                                 "sparse in int8)"))
     return out
 
 
