@@ -95,8 +95,11 @@ def _evaluate(model, split):
     return float(model.evaluate(*split, verbose=0, batch_size=512)[1])
 
 
-def run(method, dense, model_name, data, sparsity, seed, prune_epochs=6, ramp=4):
-    """Prunes a copy of `dense`; returns a dict with val/test accuracy, sparsity, time."""
+def run(method, dense, model_name, data, sparsity, seed, prune_epochs=6, ramp=4,
+        prune_kwargs=None):
+    """Prunes a copy of `dense`; returns a dict with val/test accuracy, sparsity, time.
+
+    `prune_kwargs` go to `kib.prune` (e.g. `{"pattern": "2:4"}`); not for tfmot."""
     train, val, test = data
     name, kwargs, alloc = parse(method)
     start = time.perf_counter()
@@ -108,7 +111,7 @@ def run(method, dense, model_name, data, sparsity, seed, prune_epochs=6, ramp=4)
     keras.utils.set_random_seed(seed + 1000)
     twin = _data.build(model_name, train[0].shape[1:])
     twin.set_weights(dense.get_weights())
-    pruned = compile_model(kib.prune(twin))
+    pruned = compile_model(kib.prune(twin, **(prune_kwargs or {})))
     held = (val[0][:HELD_OUT], val[1][:HELD_OUT])
     cb = kib.IBPruning(kib.PolynomialDecay(0.0, sparsity, 0, ramp),
                        score=_score(name, kwargs), allocation=alloc, held_out=held)

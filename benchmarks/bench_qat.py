@@ -4,7 +4,10 @@ LeNet-5-Caffe on the MNIST split (`_data.splits("mnist")`): dense training, then
 to SPARSITY with (16, 1) blocks (`kib.prune(block_size=(16, 1))`, every layer) and
 fine-tuning as in `_protocol.run`. From that pruned model:
 
-* float pruned: the Keras model's test accuracy;
+* float pruned: the Keras model's test accuracy (and, from the same dense start, the same
+  pruning without blocks: the issue's reference for what blocks cost);
+* size: the int8 sparse file against the dense model's float32 file (issue 12's bar:
+  <= 0.05x at <= 0.3 points below float pruned);
 * int8 (no QAT): `export_tflite(quantize="int8", sparse=True)` calibrated on 200 validation
   images, test accuracy in the LiteRT interpreter;
 * int8 after QAT: `kib.quantize_aware(model, representative_data=calibration)`, QAT_EPOCHS
@@ -62,6 +65,29 @@ def run_seed(seed, data, tmp):
         keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
     )
     dense.fit(*train, batch_size=64, epochs=DENSE_EPOCHS, verbose=0)
+    kib.export_tflite(  # the size reference of the issue's bar: the dense float32 file
+        dense, tmp / f"dense{seed}.tflite", verify=False, compare_dense=False, latency_runs=0
+    )
+    dense_bytes = os.path.getsize(tmp / f"dense{seed}.tflite")
+    twin = _data.build("lenet5", train[0].shape[1:])  # the same start, pruned without blocks
+    twin.set_weights(dense.get_weights())
+    unblocked = kib.prune(twin)
+    unblocked.compile(
+        keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    unblocked.fit(
+        *train,
+        batch_size=64,
+        epochs=PRUNE_EPOCHS,
+        verbose=0,
+        callbacks=[
+            kib.IBPruning(
+                kib.PolynomialDecay(0.0, SPARSITY, 0, RAMP),
+                held_out=(val[0][:1024], val[1][:1024]),
+            )
+        ],
+    )
+    float_unblocked = float(unblocked.evaluate(*test, verbose=0, batch_size=512)[1])
     pruned = kib.prune(dense, block_size=BLOCK)
     pruned.compile(
         keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
@@ -74,6 +100,8 @@ def run_seed(seed, data, tmp):
         "seed": seed,
         "sparsity": float(kib.sparsity(pruned)),
         "float": float(pruned.evaluate(*test, verbose=0, batch_size=512)[1]),
+        "dense_float_bytes": dense_bytes,
+        "float_unblocked": float_unblocked,
     }
     row["int8"], row["int8_bytes"] = _int8(pruned, tmp / f"noqat{seed}.tflite", calib, test)
     kib.quantize_aware(pruned, representative_data=calib)
@@ -84,7 +112,7 @@ def run_seed(seed, data, tmp):
     pruned.fit(*train, batch_size=64, epochs=QAT_EPOCHS, verbose=0)
     kib.quantize_aware(pruned, representative_data=calib)  # recalibrate, as the export does
     row["fake_quant_after_qat"] = float(pruned.evaluate(*test, verbose=0, batch_size=512)[1])
-    row["int8_qat"], _ = _int8(pruned, tmp / f"qat{seed}.tflite", calib, test)
+    row["int8_qat"], row["int8_qat_bytes"] = _int8(pruned, tmp / f"qat{seed}.tflite", calib, test)
     row["float_after_qat"] = float(
         kib.strip_pruning(pruned).evaluate(*test, verbose=0, batch_size=512)[1]
     )
@@ -103,6 +131,7 @@ def main():
             rows.append(run_seed(seed, data, pathlib.Path(tmp)))
             print(rows[-1], flush=True)
     keys = [
+        "float_unblocked",
         "float",
         "int8",
         "int8_qat",
@@ -110,9 +139,18 @@ def main():
         "fake_quant_after_qat",
         "float_after_qat",
     ]
+    for r in rows:
+        r["int8_size_ratio"] = r["int8_bytes"] / r["dense_float_bytes"]
+    keys.append("int8_size_ratio")
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    se = {
+        k: float(np.std([r[k] for r in rows], ddof=1) / np.sqrt(len(rows))) if len(rows) > 1
+        else float("nan")
+        for k in keys
+    }
     gap = {
         "int8_vs_float": mean["int8"] - mean["float"],
+        "int8_vs_float_unblocked": mean["int8"] - mean["float_unblocked"],
         "int8_qat_vs_float": mean["int8_qat"] - mean["float"],
         "qat_gain": mean["int8_qat"] - mean["int8"],
         "int8_qat_vs_float_after_qat": mean["int8_qat"] - mean["float_after_qat"],
@@ -130,7 +168,7 @@ def main():
     }
     out = HERE / "results"
     (out / "qat.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "mean": mean, "gap": gap}, indent=2)
+        json.dumps({"meta": meta, "rows": rows, "mean": mean, "se": se, "gap": gap}, indent=2)
     )
     lines = [
         "# Pruning-preserving int8: LeNet-5-Caffe, MNIST split, "
@@ -140,23 +178,32 @@ def main():
         f"{meta['seconds']} s). Test accuracy (2,000 images); int8 files calibrated on "
         "200 validation images, run in the LiteRT interpreter.",
         "",
-        "| seed | sparsity | float pruned | int8, no QAT | int8 after "
-        f"{QAT_EPOCHS} epoch QAT | fake-quant Keras after QAT | float after QAT |",
-        "|---|---|---|---|---|---|---|",
+        "| seed | sparsity | float pruned, no blocks | float pruned | int8, no QAT | int8 after "
+        f"{QAT_EPOCHS} epoch QAT | fake-quant Keras after QAT | float after QAT | "
+        "int8 sparse file / dense float32 file |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['seed']} | {r['sparsity']:.3f} | {r['float']:.4f} | {r['int8']:.4f}"
+            f"| {r['seed']} | {r['sparsity']:.3f} | {r['float_unblocked']:.4f} | "
+            f"{r['float']:.4f} | {r['int8']:.4f}"
             f" | {r['int8_qat']:.4f} | {r['fake_quant_after_qat']:.4f} | "
-            f"{r['float_after_qat']:.4f} |"
+            f"{r['float_after_qat']:.4f} | {r['int8_size_ratio']:.4f} "
+            f"({r['int8_bytes']:,} / {r['dense_float_bytes']:,} B) |"
         )
+
+    def pm(k, digits=4):
+        return f"{mean[k]:.{digits}f} ± {se[k]:.{digits}f}"
+
     lines.append(
-        f"| mean | | {mean['float']:.4f} | {mean['int8']:.4f} | {mean['int8_qat']:.4f}"
-        f" | {mean['fake_quant_after_qat']:.4f} | {mean['float_after_qat']:.4f} |"
+        f"| mean ± SE | | {pm('float_unblocked')} | {pm('float')} | {pm('int8')} | {pm('int8_qat')}"
+        f" | {pm('fake_quant_after_qat')} | {pm('float_after_qat')} | "
+        f"{pm('int8_size_ratio')} |"
     )
     lines += [
         "",
-        f"int8 vs float pruned: {100 * gap['int8_vs_float']:+.2f} points; after QAT: "
+        f"int8 vs float pruned: {100 * gap['int8_vs_float']:+.2f} points (vs the same "
+        f"sparsity without blocks: {100 * gap['int8_vs_float_unblocked']:+.2f}); after QAT: "
         f"{100 * gap['int8_qat_vs_float']:+.2f} points; QAT gain "
         f"{100 * gap['qat_gain']:+.2f} points (mean of {len(rows)} seed(s)). "
         "Control: the int8 file after QAT scores "

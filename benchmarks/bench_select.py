@@ -4,7 +4,7 @@ Every variant runs the protocol of `_protocol.py` (same dense start per seed) an
 by its validation accuracy; the seeds (100, 101, ...) differ from the reporting seeds of
 `bench_accuracy.py` (0, 1, 2, ...). The table ranks variants by their mean validation
 accuracy over all (model, data, sparsity) cells, and the package defaults are set to the
-winner. Writes `results/selection.md` and `results/selection.json`.
+winner. Writes `results/selection.md` and `results/selection.json` (`--name` for another stem).
 
 Example:
 
@@ -99,8 +99,8 @@ def write(results, args, out, elapsed):
         best = max(ranking)[3]
         by_mean = max(ranking, key=lambda r: r[2])[3]
         lines += ["", f"Selected (maximin): `{best}`. Highest mean accuracy: `{by_mean}`.", ""]
-    (out / "selection.md").write_text("\n".join(lines) + "\n")
-    (out / "selection.json").write_text(json.dumps(results, indent=1))
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
 
 
 def main(argv=None):
@@ -116,6 +116,7 @@ def main(argv=None):
     p.add_argument("--prune-epochs", type=int, default=6)
     p.add_argument("--ramp", type=int, default=4)
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--name", default="selection", help="output file stem in --out")
     p.add_argument("--from-json", help="rewrite the table from selection JSON files "
                    "(comma-separated; several rounds merge), no runs")
     args = p.parse_args(argv)
@@ -125,7 +126,7 @@ def main(argv=None):
             for method, per in json.loads(pathlib.Path(path).read_text()).items():
                 merged.setdefault(method, {}).update(per)
         write(merged, args, pathlib.Path(args.out), 0.0)
-        print((pathlib.Path(args.out) / "selection.md").read_text())
+        print((pathlib.Path(args.out) / f"{args.name}.md").read_text())
         return
     methods = args.methods.split("|") if "|" in args.methods else args.methods.split(",")
     for m in methods:
@@ -148,7 +149,7 @@ def main(argv=None):
                         print(f"{cell} seed={seed} {m:32s} val={r['val']:.4f} "
                               f"({r['seconds']:.0f}s)", flush=True)
                 write(results, args, out, time.time() - start)
-    print((out / "selection.md").read_text())
+    print((out / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":
