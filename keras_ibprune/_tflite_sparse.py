@@ -187,17 +187,18 @@ def repair(tflite_bytes, dense_bytes):
 
 
 def _undelegable(model_t, types):
-    """`(tensor, reason)` for each sparse int8 weight a FULLY_CONNECTED reads through
+    """`(tensor, reason)` for each sparse int8 weight an int8 FULLY_CONNECTED reads through
     DENSIFY: XNNPACK's delegate cannot prepare such an op and then refuses the *whole*
     file, which runs on LiteRT's builtin kernels (measured: 4-5x slower on MobileNetV2).
     Float weights through DENSIFY are delegated."""
     out = []
     for sub in model_t.subgraphs:
         names = [_tflite_inspect.op_name(model_t, op) for op in sub.operators]
-        fc_weights = {
+        fc_weights = {  # of fully int8 FULLY_CONNECTED ops (not dynamic-range hybrids)
             int(op.inputs[1])
             for op, name in zip(sub.operators, names)
             if name == "FULLY_CONNECTED" and op.inputs is not None and len(op.inputs) > 1
+            and types.get(sub.tensors[int(op.inputs[0])].type) == "INT8"
         }
         for op, name in zip(sub.operators, names):
             if name != "DENSIFY" or int(op.outputs[0]) not in fc_weights:
