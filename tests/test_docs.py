@@ -51,6 +51,9 @@ def test_guides_run_as_written(tmp_path):
     assert (tmp_path / "model_int8.tflite").exists() and ns["report"].file_bytes > 0
     assert ns["pruner"].logs()["sparsity"] == pytest.approx(0.85, abs=2e-3)
     assert ns["kib"].count_flops(ns["small"]) < ns["kib"].count_flops(ns["model"])
+    # "Smaller vs faster": the shrunk phone model computes about half the FLOPs
+    dense_flops = ns["kib"].count_flops(ns["make_model"]())
+    assert ns["kib"].count_flops(ns["phone_model"]) <= 0.55 * dense_flops
     assert len(ns["kib"].stats.find_wrappers(ns["pruned_text"])) == 3
 
 
