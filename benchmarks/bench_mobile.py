@@ -120,8 +120,22 @@ def _accuracy(model, x, y):
     return float(np.mean(model.predict(x, batch_size=256, verbose=0).argmax(1) == y))
 
 
-def _finetune(kib, keras, dense, data, variant, epochs):
-    prune_kwargs, pruner_kwargs, sparsity, do_shrink = variant
+def _dense_start(keras, key, size, n_train, epochs):
+    """`(dense model, train, validation, test)`: the padded splits and the dense model
+    trained on the first `n_train` training images (seed 0)."""
+    keras.utils.set_random_seed(0)
+    (xtr, ytr), (xva, yva), (xte, yte) = _data.splits("mnist", seed=0)
+    xtr, ytr = _pad(xtr[:n_train], size), ytr[:n_train]
+    xva, xte = _pad(xva, size), _pad(xte, size)
+    dense = _build(keras, key, size)
+    dense.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    dense.fit(xtr, ytr, epochs=epochs, batch_size=64, verbose=0)
+    return dense, (xtr, ytr), (xva, yva), (xte, yte)
+
+
+def _prune_and_fit(kib, keras, dense, data, prune_kwargs, pruner_kwargs, sparsity, epochs):
+    """A wrapped copy of `dense`, IB-pruned to `sparsity` during `epochs` epochs (ramp over
+    all but the last two), held-out batch from the validation split."""
     (xtr, ytr), (xva, yva) = data
     model = keras.models.clone_model(dense)
     model.set_weights(dense.get_weights())
@@ -132,6 +146,13 @@ def _finetune(kib, keras, dense, data, variant, epochs):
     schedule = kib.PolynomialDecay(0.0, sparsity, 0, max(epochs - 2, 1))
     cb = kib.IBPruning(schedule, held_out=(xva[:512], yva[:512]), **pruner_kwargs)
     pruned.fit(xtr, ytr, epochs=epochs, batch_size=64, verbose=0, callbacks=[cb])
+    return pruned
+
+
+def _finetune(kib, keras, dense, data, variant, epochs):
+    prune_kwargs, pruner_kwargs, sparsity, do_shrink = variant
+    pruned = _prune_and_fit(kib, keras, dense, data, prune_kwargs, pruner_kwargs, sparsity,
+                            epochs)
     out = kib.shrink(pruned) if do_shrink else kib.strip_pruning(pruned)
     return out, float(kib.sparsity(pruned))  # of the masked weights (channels: 0)
 
@@ -160,27 +181,14 @@ def compare_allocations(key, size, n_train, epochs, ft_epochs, allocations, spar
     from keras_ibprune.stats import find_wrappers
 
     start = time.time()
-    keras.utils.set_random_seed(0)
-    (xtr, ytr), (xva, yva), _ = _data.splits("mnist", seed=0)
-    xtr, ytr, xva = _pad(xtr[:n_train], size), ytr[:n_train], _pad(xva, size)
-    dense = _build(keras, key, size)
-    dense.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
-    dense.fit(xtr, ytr, epochs=epochs, batch_size=64, verbose=0)
+    dense, train, (xva, yva), _ = _dense_start(keras, key, size, n_train, epochs)
     rows = [{"allocation": "dense", "val": _accuracy(dense, xva, yva)}]
     for allocation in allocations:
         keras.utils.set_random_seed(1)
-        model = keras.models.clone_model(dense)
-        model.set_weights(dense.get_weights())
-        pruned = kib.prune(model)
-        pruned.compile(
-            keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
+        pruned = _prune_and_fit(
+            kib, keras, dense, (train, (xva, yva)), {}, {"allocation": allocation}, sparsity,
+            ft_epochs,
         )
-        cb = kib.IBPruning(
-            kib.PolynomialDecay(0.0, sparsity, 0, max(ft_epochs - 2, 1)),
-            held_out=(xva[:512], yva[:512]),
-            allocation=allocation,
-        )
-        pruned.fit(xtr, ytr, epochs=ft_epochs, batch_size=64, verbose=0, callbacks=[cb])
         density = {
             w.layer.name: float(np.mean(np.asarray(w.masks[0]))) for w in find_wrappers(pruned)
         }
@@ -309,13 +317,7 @@ def run_model(key, size, n_train, epochs, ft_epochs, nm):
     from keras_ibprune import _xnnpack_tflite
 
     start = time.time()
-    keras.utils.set_random_seed(0)
-    (xtr, ytr), (xva, yva), (xte, yte) = _data.splits("mnist", seed=0)
-    xtr, ytr = _pad(xtr[:n_train], size), ytr[:n_train]
-    xva, xte = _pad(xva, size), _pad(xte, size)
-    dense = _build(keras, key, size)
-    dense.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
-    dense.fit(xtr, ytr, epochs=epochs, batch_size=64, verbose=0)
+    dense, (xtr, ytr), (xva, yva), (xte, yte) = _dense_start(keras, key, size, n_train, epochs)
     models, variants = {"dense": (dense, 0.0)}, dict(VARIANTS, **(NM_VARIANTS if nm else {}))
     refused = {}
     for name, variant in variants.items():

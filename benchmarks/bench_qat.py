@@ -56,6 +56,19 @@ def _int8(model, path, calib, test):
     return kib.evaluate(str(path), *test)["accuracy"], os.path.getsize(path)
 
 
+def _prune_and_fit(model, train, val, **prune_kwargs):
+    """`kib.prune(model, **prune_kwargs)`, IB-pruned to SPARSITY over PRUNE_EPOCHS epochs."""
+    pruned = kib.prune(model, **prune_kwargs)
+    pruned.compile(
+        keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    cb = kib.IBPruning(
+        kib.PolynomialDecay(0.0, SPARSITY, 0, RAMP), held_out=(val[0][:1024], val[1][:1024])
+    )
+    pruned.fit(*train, batch_size=64, epochs=PRUNE_EPOCHS, verbose=0, callbacks=[cb])
+    return pruned
+
+
 def run_seed(seed, data, tmp):
     train, val, test = data
     calib = val[0][:200]
@@ -71,31 +84,9 @@ def run_seed(seed, data, tmp):
     dense_bytes = os.path.getsize(tmp / f"dense{seed}.tflite")
     twin = _data.build("lenet5", train[0].shape[1:])  # the same start, pruned without blocks
     twin.set_weights(dense.get_weights())
-    unblocked = kib.prune(twin)
-    unblocked.compile(
-        keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
-    )
-    unblocked.fit(
-        *train,
-        batch_size=64,
-        epochs=PRUNE_EPOCHS,
-        verbose=0,
-        callbacks=[
-            kib.IBPruning(
-                kib.PolynomialDecay(0.0, SPARSITY, 0, RAMP),
-                held_out=(val[0][:1024], val[1][:1024]),
-            )
-        ],
-    )
+    unblocked = _prune_and_fit(twin, train, val)
     float_unblocked = float(unblocked.evaluate(*test, verbose=0, batch_size=512)[1])
-    pruned = kib.prune(dense, block_size=BLOCK)
-    pruned.compile(
-        keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
-    )
-    cb = kib.IBPruning(
-        kib.PolynomialDecay(0.0, SPARSITY, 0, RAMP), held_out=(val[0][:1024], val[1][:1024])
-    )
-    pruned.fit(*train, batch_size=64, epochs=PRUNE_EPOCHS, verbose=0, callbacks=[cb])
+    pruned = _prune_and_fit(dense, train, val, block_size=BLOCK)
     row = {
         "seed": seed,
         "sparsity": float(kib.sparsity(pruned)),
